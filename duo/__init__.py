@@ -1,0 +1,12 @@
+"""duo: a llama.cpp draft on the CPU and a PyTorch target on the GPU, speculative decoding with token trees."""
+import os as _os
+
+_os.environ.setdefault("HF_HUB_OFFLINE", "1")          # nothing is fetched from a model hub at run time
+_os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+_os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+__version__ = "0.1.0"
+
+from .engine import DuoError, Engine, Result  # noqa: E402
+
+__all__ = ["Engine", "Result", "DuoError", "__version__"]

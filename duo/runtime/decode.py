@@ -1,0 +1,156 @@
+"""One generation, round by round: draft a tree, verify it in one target pass, accept, commit.
+
+    committed = prompt                     cache holds committed[:-1], root = committed[-1]
+    loop:
+      tree    = draft.request_tree(delta)  CPU worker; in overlap mode it was drafted while we verified
+      logits  = forward_tree(root + tree)  one target pass, tree attention mask
+      choices = target's own token at every node (argmax, or inverse CDF at u[position])
+      path, bonus = walk the tree along nodes the target agrees with
+      compact the cache to prefix + root + path; commit path + bonus; delta = path + bonus
+
+Every emitted token is the target's choice given the committed prefix, so the output equals
+target-only decoding (greedy: token for token; sampling: the same tokens for the same seed).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from ..sampling import SamplingParams, UniformStream, choose_tokens
+from .lookup import lookup_tree, merge_trees
+from .target import TargetModel, accept_path, cache_length, compact_cache, forward_tree, new_cache, prefill
+from .tree import Tree
+
+MODES = ("overlap", "sequential", "target")
+
+
+@dataclass
+class DecodeConfig:
+    max_new_tokens: int = 256
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    mode: str = "sequential"        # overlap | sequential | target
+    budget: int = 16                # drafted nodes per round (model + lookup)
+    width: int = 4                  # max branches of the model's tree
+    shape: str = "dynamic"          # chain | dynamic | eagle
+    lookup: bool = True             # add prompt-lookup (n-gram) candidates to the tree
+    draft_timeout_s: float = 10.0   # a round's draft taking longer means the worker hangs
+
+
+@dataclass
+class Stats:
+    mode: str = "target"
+    new_tokens: int = 0
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    accepted_per_position: list = field(default_factory=list)   # rounds whose path reached depth d+1
+    ttft_s: float = 0.0
+    wall_s: float = 0.0
+    prefill_s: float = 0.0
+    verify_s: float = 0.0
+    target_idle_s: float = 0.0       # target waiting for the draft
+    draft_idle_s: float = 0.0        # draft worker waiting for the target
+    accepted_from_lookup: int = 0
+    fallback: str | None = None
+    stop_reason: str = ""
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["acceptance_rate"] = self.accepted / self.drafted if self.drafted else 0.0
+        d["mean_accepted_len"] = self.new_tokens / self.rounds if self.rounds else 0.0
+        d["tokens_per_s"] = self.new_tokens / self.wall_s if self.wall_s else 0.0
+        d["accepted_per_position"] = [a / self.rounds for a in self.accepted_per_position] if self.rounds else []
+        return d
+
+
+def prune_depth(tree: Tree, max_depth: int) -> Tree:
+    """Drop nodes deeper than max_depth (they could never be emitted)."""
+    if len(tree) == 0:
+        return tree
+    keep = tree.depths() <= max_depth
+    if keep.all():
+        return tree
+    new_index = np.cumsum(keep) - 1
+    parents = np.where(tree.parents[keep] < 0, -1, new_index[np.maximum(tree.parents[keep], 0)])
+    return Tree(tree.tokens[keep], parents, tree.probs[keep], tree.source[keep])
+
+
+def generate_tokens(tm: TargetModel, draft, prompt: list[int], cfg: DecodeConfig, stats: Stats,
+                    ) -> Iterator[list[int]]:
+    """Yield the tokens committed by each round until EOS or max_new_tokens. `draft` may be None."""
+    t0 = time.perf_counter()
+    stats.mode = cfg.mode if draft is not None else "target"
+    u = UniformStream(cfg.sampling.seed)
+    use_draft = stats.mode != "target"
+    if use_draft:
+        try:
+            draft.start(prompt, overlap=cfg.mode == "overlap")  # the draft prefills while we do
+        except Exception as e:  # noqa: BLE001 - any worker failure means: go on without it
+            use_draft, stats.fallback = False, f"draft worker failed to start: {e}"
+    cache = new_cache()
+    prefill(tm, cache, prompt[:-1])
+    stats.prefill_s = time.perf_counter() - t0
+    root, delta, n_new = int(prompt[-1]), [], 0
+    history = list(prompt)
+    while n_new < cfg.max_new_tokens:
+        remaining = cfg.max_new_tokens - n_new
+        # 1. draft: a tree rooted at the last committed token (empty when not speculating)
+        tree = Tree.empty()
+        if use_draft and remaining > 1:
+            t = time.perf_counter()
+            try:
+                tree = draft.request_tree(delta, cfg.budget, cfg.width, cfg.draft_timeout_s, cfg.shape)
+                tree.validate(tm.vocab_size)
+            except Exception as e:  # noqa: BLE001 - died, hung, raised or sent garbage: finish alone
+                use_draft, tree = False, Tree.empty()
+                stats.fallback = f"{type(e).__name__}: {e}"
+                draft.note_failure(e) if hasattr(draft, "note_failure") else None
+            stats.target_idle_s += time.perf_counter() - t
+        if cfg.lookup and stats.mode != "target" and remaining > 1:
+            tree = merge_trees(tree, lookup_tree(history, max_nodes=max(4, cfg.budget // 2)), cfg.budget)
+        if not tm.supports_tree and len(tree):
+            tree = tree.top_chain()
+        tree = prune_depth(tree, remaining - 1)
+        # 2. verify: one target pass over root + tree
+        t = time.perf_counter()
+        n_past = cache_length(cache)
+        logits = forward_tree(tm, cache, root, tree)
+        # 3. accept: the target's own choice at every node, followed down the tree
+        depth = np.concatenate([[0], tree.depths()]).astype(np.int64)
+        choices = choose_tokens(logits, cfg.sampling, None if cfg.sampling.greedy else u.take(n_new + depth))
+        path, bonus = accept_path(tree, choices)
+        # 4. commit: keep prefix + root + path in the cache; emit path + bonus
+        compact_cache(cache, n_past + 1, path)
+        stats.verify_s += time.perf_counter() - t
+        new = [int(tree.tokens[k]) for k in path] + [bonus]
+        stats.rounds += 1
+        stats.drafted += len(tree)
+        stats.accepted += len(path)
+        stats.accepted_from_lookup += int(sum(tree.source[k] == 1 for k in path))
+        while len(stats.accepted_per_position) < len(path):
+            stats.accepted_per_position.append(0)
+        for d in range(len(path)):
+            stats.accepted_per_position[d] += 1
+        eos_at = next((i for i, tok in enumerate(new) if tok in tm.eos_ids), None)
+        if eos_at is not None:
+            new = new[:eos_at + 1]
+        new = new[:remaining]
+        n_new += len(new)
+        stats.new_tokens = n_new
+        history.extend(new)
+        root, delta = new[-1], new
+        if stats.rounds == 1:
+            stats.ttft_s = time.perf_counter() - t0
+        stats.wall_s = time.perf_counter() - t0
+        yield new
+        if eos_at is not None:
+            stats.stop_reason = "eos"
+            break
+    else:
+        stats.stop_reason = "length"
+    stats.wall_s = time.perf_counter() - t0
+    if draft is not None and hasattr(draft, "stats"):
+        stats.draft_idle_s = float(getattr(draft, "idle_s", lambda: 0.0)() if callable(getattr(draft, "idle_s", None)) else 0.0)

@@ -1,0 +1,229 @@
+"""The target model: load it, prefill, verify a draft tree in one forward pass, compact the KV cache.
+
+The cache always holds the committed tokens except the last one (the *root*).
+A verification forward feeds [root] + tree nodes with
+  position = n_past + depth            (root depth 0)
+  mask[i, j] = j < n_past or j is an ancestor of i (or i itself)
+so every node sees the prefix and its own path, as if it were decoded alone.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .tree import Tree
+
+log = logging.getLogger("duo")
+
+
+class TargetError(RuntimeError):
+    """The target could not be loaded or run (device, memory, files)."""
+
+
+@dataclass
+class TargetModel:
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    vocab_size: int          # rows of the output layer (may exceed len(tokenizer))
+    max_context: int
+    eos_ids: frozenset[int]
+    name: str = "target"
+    supports_tree: bool = True
+    threads: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' picks cuda when a GPU is visible; 'cuda' without one is an error."""
+    d = str(device)
+    if d == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(d)
+    except (RuntimeError, ValueError) as e:
+        raise TargetError(f"unknown device {d!r}: use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TargetError(f"--device {d} was asked for but no CUDA GPU is visible to torch; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise TargetError(f"--device {d}: only {torch.cuda.device_count()} GPU(s) visible")
+    elif dev.type != "cpu":
+        raise TargetError(f"unsupported device {d!r}: use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """'auto': bfloat16 on a GPU that has it, float16 on older GPUs, float32 on the CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise TargetError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def load_target(hf_dir: str | Path, device: str = "auto", dtype: str = "auto", name: str | None = None,
+                threads: int | None = None) -> TargetModel:
+    """Load a transformers causal LM and its tokenizer from a local directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(hf_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dt, attn_implementation="sdpa")
+        model.to(dev).eval()
+    except torch.OutOfMemoryError as e:
+        raise TargetError(f"out of memory loading the target on {dev}: try a smaller model, --dtype bfloat16, "
+                          f"or --device cpu") from e
+    except MemoryError as e:
+        raise TargetError("out of host memory loading the target: close other programs or use a smaller model") from e
+    cfg = model.config
+    eos = model.generation_config.eos_token_id if model.generation_config else None
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if tok.eos_token_id is not None:
+        eos_ids.add(tok.eos_token_id)
+    for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+        i = tok.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i != tok.unk_token_id and i is not None and i < cfg.vocab_size:
+            eos_ids.add(i)
+    tm = TargetModel(model=model, tokenizer=tok, device=dev, dtype=dt, vocab_size=cfg.vocab_size,
+                     max_context=int(getattr(cfg, "max_position_embeddings", 4096) or 4096),
+                     eos_ids=frozenset(eos_ids), name=name or Path(hf_dir).name, threads=threads)
+    tm.supports_tree = check_tree_support(tm)
+    if not tm.supports_tree:
+        log.warning("target %s does not verify trees correctly with a 4D mask; drafting chains only", tm.name)
+    return tm
+
+
+def new_cache():
+    from transformers import DynamicCache
+    return DynamicCache()
+
+
+def cache_length(cache) -> int:
+    return cache.get_seq_length()
+
+
+@torch.inference_mode()
+def prefill(tm: TargetModel, cache, tokens, chunk: int = 512) -> None:
+    """Append `tokens` to the cache (causal, in chunks to bound attention memory); no logits kept."""
+    ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=tm.device)
+    for s in range(0, len(ids), chunk):
+        piece = ids[s:s + chunk][None]
+        n_past = cache_length(cache)
+        pos = torch.arange(n_past, n_past + piece.shape[1], device=tm.device)
+        tm.model(input_ids=piece, position_ids=pos[None], cache_position=pos, past_key_values=cache,
+                 use_cache=True, logits_to_keep=1)
+
+
+def ancestor_matrix(parents: np.ndarray) -> np.ndarray:
+    """anc[i, j] = node j is node i or one of its ancestors; index 0 is the root, node k is k + 1."""
+    n = len(parents) + 1
+    anc = np.zeros((n, n), dtype=bool)
+    anc[0, 0] = True
+    for k, p in enumerate(parents):
+        anc[k + 1] = anc[p + 1]
+        anc[k + 1, k + 1] = True
+    return anc
+
+
+def tree_attention_mask(parents: np.ndarray, n_past: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Additive 4D mask [1, 1, 1 + n, n_past + 1 + n]: 0 where attention is allowed, -inf-like elsewhere."""
+    anc = torch.as_tensor(ancestor_matrix(parents), device=device)
+    allowed = torch.cat([torch.ones(anc.shape[0], n_past, dtype=torch.bool, device=device), anc], dim=1)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+@torch.inference_mode()
+def forward_tree(tm: TargetModel, cache, root: int, tree: Tree) -> torch.Tensor:
+    """One target pass over [root] + tree; returns float32 logits [1 + n, vocab] (row 0 = after the root)."""
+    n_past = cache_length(cache)
+    ids = torch.as_tensor(np.concatenate([[root], tree.tokens]).astype(np.int64), device=tm.device)[None]
+    depth = np.concatenate([[0], tree.depths()]) if len(tree) else np.zeros(1, np.int64)
+    pos = torch.as_tensor(n_past + depth, device=tm.device)[None]
+    cache_pos = torch.arange(n_past, n_past + ids.shape[1], device=tm.device)
+    is_chain = bool(np.all(tree.parents == np.arange(-1, len(tree) - 1)))
+    mask = None if is_chain else tree_attention_mask(tree.parents, n_past, tm.dtype, tm.device)
+    out = tm.model(input_ids=ids, position_ids=pos, cache_position=cache_pos, attention_mask=mask,
+                   past_key_values=cache, use_cache=True)
+    return out.logits[0].float()
+
+
+def accept_path(tree: Tree, choices: np.ndarray) -> tuple[list[int], int]:
+    """Walk from the root following children equal to the target's choice; return (node path, bonus token).
+
+    choices[0] is the target's token after the root, choices[k + 1] its token after node k.
+    """
+    kids = tree.children()
+    path: list[int] = []
+    cur = -1
+    while True:
+        want = int(choices[cur + 1])
+        nxt = next((c for c in kids[cur + 1] if int(tree.tokens[c]) == want), None)
+        if nxt is None:
+            return path, want
+        path.append(nxt)
+        cur = nxt
+
+
+def _layers(cache):
+    if hasattr(cache, "layers"):
+        return [(layer, "keys", "values") for layer in cache.layers]
+    raise TargetError("unsupported transformers cache (needs DynamicCache with .layers, transformers >= 4.56)")
+
+
+def compact_cache(cache, n_keep: int, path: list[int]) -> None:
+    """Keep the first n_keep entries (prefix + root) and the accepted nodes, drop the rest of the tree.
+
+    Accepted node k sits at cache index n_keep + k; it moves to n_keep + (its rank in path).
+    """
+    src = [n_keep + k for k in path]
+    moved = src != list(range(n_keep, n_keep + len(path)))
+    new_len = n_keep + len(path)
+    for layer, kname, vname in _layers(cache):
+        for name in (kname, vname):
+            t = getattr(layer, name)
+            if moved:
+                idx = torch.as_tensor(src, device=t.device)
+                t[:, :, n_keep:new_len] = t.index_select(2, idx)
+            setattr(layer, name, t[:, :, :new_len])
+
+
+@torch.inference_mode()
+def check_tree_support(tm: TargetModel) -> bool:
+    """Verify a small branched tree against plain causal runs of each branch; False if the model ignores the mask."""
+    v = tm.vocab_size - 1
+    prefix = [min(17 + 31 * i, v) for i in range(5)]
+    tree = Tree(tokens=[min(101, v), min(202, v), min(303, v), min(404, v)], parents=[-1, -1, 0, 1],
+                probs=[1, 1, 1, 1])
+    try:
+        cache = new_cache()
+        prefill(tm, cache, prefix[:-1])
+        got = forward_tree(tm, cache, prefix[-1], tree)
+        for branch in ([0, 2], [1, 3]):
+            seq = prefix + [int(tree.tokens[b]) for b in branch]
+            ref = tm.model(input_ids=torch.as_tensor(seq, device=tm.device)[None]).logits[0].float()
+            rows = [0] + [b + 1 for b in branch]
+            tol = 1e-3 if tm.dtype == torch.float32 else 5e-2
+            if (got[rows] - ref[len(prefix) - 1:]).abs().max() > tol * ref.abs().max():
+                return False
+        return True
+    except Exception as e:  # a model whose forward rejects 4D masks or position ids
+        log.debug("tree check failed: %s", e)
+        return False

@@ -88,6 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--verbose", "-v", action="store_true", help="details on stderr (library logs included)")
     r.add_argument("--debug", action="store_true", help="show tracebacks")
 
+    b = sub.add_parser("bench", help="benchmark methods side by side on real datasets",
+                       description="Every method on the same prompts in one run; ratios against the target alone.")
+    add_model_flags(b)
+    b.add_argument("--dataset", type=lambda s: s.split(","), default=["humaneval", "gsm8k", "mt-bench"],
+                   help="comma-separated: humaneval, gsm8k, mt-bench, or a JSONL file of prompts")
+    b.add_argument("--methods", type=lambda s: s.split(","),
+                   default=["target", "hf-assisted", "hf-prompt-lookup", "duo-sequential", "duo"],
+                   help="comma-separated: target, hf-assisted, hf-prompt-lookup, duo-sequential, duo")
+    b.add_argument("--limit", type=_number(int, "--limit", lo=1), default=10, help="prompts per dataset (default 10)")
+    b.add_argument("--max-new-tokens", "-n", type=_number(int, "--max-new-tokens", lo=1), default=128,
+                   help="new tokens per prompt (default 128)")
+    b.add_argument("--temperature", "-t", type=_number(float, "--temperature", lo=0), default=0.0,
+                   help="0 = greedy (default); > 0 samples (exactness not checked)")
+    b.add_argument("--seed", type=_number(int, "--seed", lo=0), default=0, help="random seed")
+    b.add_argument("--budget", type=_budget, default="auto", help="drafted tokens per round for duo: auto or N")
+    b.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    b.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of speedups")
+    b.add_argument("--verbose", "-v", action="store_true", help="details on stderr")
+    b.add_argument("--debug", action="store_true", help="show tracebacks")
+
     m = sub.add_parser("models", help="list or pull models", description="Manage the model cache.")
     msub = m.add_subparsers(dest="models_command", parser_class=Parser, metavar="ACTION")
     msub.add_parser("list", help="known aliases and what is cached")
@@ -236,6 +256,9 @@ def main(argv=None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "bench":
+            from bench.run import main as bench_main
+            return bench_main(args)
         if args.command == "models":
             if args.models_command is None:
                 parser.parse_args(["models", "--help"])

@@ -188,6 +188,10 @@ class Engine:
     # -- generation ---------------------------------------------------------------------------
     def encode(self, prompt: str | Messages, system: str | None = None, chat: bool | None = None) -> list[int]:
         tok = self.target.tokenizer
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+            if min(prompt) < 0 or max(prompt) >= self.target.vocab_size:
+                raise DuoError("token ids out of the vocabulary's range")
+            return list(prompt)
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise DuoError("the prompt is empty: give some text")
@@ -201,7 +205,7 @@ class Engine:
             raise DuoError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
         return encode_chat(tok, prompt)
 
-    def _decode_config(self, max_new_tokens, temperature, top_p, top_k, seed, n_prompt) -> DecodeConfig:
+    def _decode_config(self, max_new_tokens, temperature, top_p, top_k, seed, n_prompt, overrides) -> DecodeConfig:
         sp = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         try:
             sp.validate()
@@ -214,26 +218,39 @@ class Engine:
                            f"shorten the prompt")
         max_new = min(max_new_tokens, self.context - n_prompt)
         timeout = max(2.0, 20 * self.plan.budget * self.plan.draft_ms_per_token / 1000)
-        return DecodeConfig(max_new_tokens=max_new, sampling=sp, mode=self.plan.mode, budget=self.plan.budget,
-                            width=self.plan.width, shape=self.plan.shape, lookup=self.lookup,
-                            draft_timeout_s=timeout)
+        cfg = DecodeConfig(max_new_tokens=max_new, sampling=sp, mode=self.plan.mode, budget=self.plan.budget,
+                           width=self.plan.width, shape=self.plan.shape, lookup=self.lookup,
+                           draft_timeout_s=timeout)
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(cfg, k, v)
+        if cfg.mode not in MODES:
+            raise DuoError(f"unknown mode {cfg.mode!r}: use overlap, sequential or target")
+        return cfg
 
     def stream_tokens(self, prompt: str | Messages, *, max_new_tokens: int = 256, temperature: float = 0.0,
                       top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: Sequence[str] = (),
                       system: str | None = None, chat: bool | None = None, stats: Stats | None = None,
+                      mode: str | None = None, budget: int | None = None, width: int | None = None,
+                      shape: str | None = None, lookup: bool | None = None,
                       ) -> Iterator[tuple[list[int], str]]:
-        """Yield (committed token ids, new text) per round. The lower-level form of `stream`."""
+        """Yield (committed token ids, new text) per round. The lower-level form of `stream`.
+
+        The prompt is text, chat messages, or token ids. mode/budget/width/shape/lookup override the plan
+        for this call (benchmarks and the profiler sweep them).
+        """
         stop = [stop] if isinstance(stop, str) else list(stop or ())
         if any(not isinstance(s, str) or s == "" for s in stop):
             raise DuoError("stop strings must be non-empty text")
         ids = self.encode(prompt, system=system, chat=chat)
-        cfg = self._decode_config(max_new_tokens, temperature, top_p, top_k, seed, len(ids))
+        cfg = self._decode_config(max_new_tokens, temperature, top_p, top_k, seed, len(ids),
+                                  dict(mode=mode, budget=budget, width=width, shape=shape, lookup=lookup))
         stats = stats if stats is not None else Stats()
         with self._lock:
             if cfg.max_new_tokens == 0:
                 return
             self._ensure_draft()
-            draft = self._draft if self.plan.mode != "target" else None
+            draft = self._draft if cfg.mode != "target" else None
             text = TextStream(self.target.tokenizer, stop)
             with _affinity(self.plan.target_cores):
                 gen = generate_tokens(self.target, draft, ids, cfg, stats)
@@ -250,8 +267,6 @@ class Engine:
                             yield [], tail
                 finally:
                     gen.close()
-                    if draft is not None:
-                        stats.draft_idle_s = draft.stats.get("idle_s", 0.0) if isinstance(getattr(draft, "stats", None), dict) else 0.0
 
     def stream(self, prompt: str | Messages, **kw) -> Iterator[str]:
         """Yield text pieces as they are verified (valid UTF-8, stop strings never shown)."""

@@ -85,9 +85,12 @@ def generate_tokens(tm: TargetModel, draft, prompt: list[int], cfg: DecodeConfig
     stats.mode = cfg.mode if draft is not None else "target"
     u = UniformStream(cfg.sampling.seed)
     use_draft = stats.mode != "target"
+    idle0 = 0.0
     if use_draft:
         try:
-            draft.start(prompt, overlap=cfg.mode == "overlap")  # the draft prefills while we do
+            idle0 = draft.stats.idle_s
+            draft.start(prompt, overlap=cfg.mode == "overlap", budget=cfg.budget, width=cfg.width,
+                        shape=cfg.shape)  # the draft prefills while we do
         except Exception as e:  # noqa: BLE001 - any worker failure means: go on without it
             use_draft, stats.fallback = False, f"draft worker failed to start: {e}"
     cache = new_cache()
@@ -107,7 +110,6 @@ def generate_tokens(tm: TargetModel, draft, prompt: list[int], cfg: DecodeConfig
             except Exception as e:  # noqa: BLE001 - died, hung, raised or sent garbage: finish alone
                 use_draft, tree = False, Tree.empty()
                 stats.fallback = f"{type(e).__name__}: {e}"
-                draft.note_failure(e) if hasattr(draft, "note_failure") else None
             stats.target_idle_s += time.perf_counter() - t
         if cfg.lookup and stats.mode != "target" and remaining > 1:
             tree = merge_trees(tree, lookup_tree(history, max_nodes=max(4, cfg.budget // 2)), cfg.budget)
@@ -152,5 +154,5 @@ def generate_tokens(tm: TargetModel, draft, prompt: list[int], cfg: DecodeConfig
     else:
         stats.stop_reason = "length"
     stats.wall_s = time.perf_counter() - t0
-    if draft is not None and hasattr(draft, "stats"):
-        stats.draft_idle_s = float(getattr(draft, "idle_s", lambda: 0.0)() if callable(getattr(draft, "idle_s", None)) else 0.0)
+    if use_draft:
+        stats.draft_idle_s = draft.stats.idle_s - idle0

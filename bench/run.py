@@ -1,0 +1,234 @@
+"""`duo bench`: every method on the same prompts, same models, same machine, in one run.
+
+Methods share one interface: `run(ids, max_new) -> Sample`. The `target` method (transformers
+generate, target alone) is the baseline of every ratio and the reference of every exactness check.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from duo.engine import Engine
+from duo.runtime.decode import Stats
+
+
+@dataclass
+class Sample:
+    tokens: list[int]
+    wall_s: float
+    ttft_s: float
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class Row:
+    dataset: str
+    method: str
+    prompts: int = 0
+    new_tokens: int = 0
+    wall_s: float = 0.0
+    tokens_per_s: float = 0.0
+    speedup: float = 0.0
+    ttft_s: float = 0.0
+    mean_accepted_len: float = 0.0
+    acceptance_rate: float = 0.0
+    accepted_per_position: list = field(default_factory=list)
+    exact: bool | None = None
+    mismatches: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+def hf_generate(model, ids, max_new, eos, **kw) -> Sample:
+    """transformers generate (greedy); TTFT measured with a one-token call beforehand is not fair, so
+    TTFT here is the prefill+first step timed by a streamer."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstToken(BaseStreamer):
+        def __init__(self):
+            self.t, self.n = None, 0
+
+        def put(self, value):
+            self.n += 1
+            if self.n == 2 and self.t is None:   # first put is the prompt
+                self.t = time.perf_counter()
+
+        def end(self):
+            pass
+
+    s = FirstToken()
+    x = torch.tensor([ids], device=model.device)
+    t0 = time.perf_counter()
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
+                         eos_token_id=list(eos), pad_token_id=list(eos)[0], streamer=s, **kw)
+    wall = time.perf_counter() - t0
+    toks = out[0, len(ids):].tolist()
+    return Sample(toks, wall, (s.t or time.perf_counter()) - t0)
+
+
+def duo_sample(engine: Engine, ids, max_new, **kw) -> Sample:
+    stats = Stats()
+    toks: list[int] = []
+    t0 = time.perf_counter()
+    for new, _ in engine.stream_tokens(ids, max_new_tokens=max_new, stats=stats, **kw):
+        toks += new
+    wall = time.perf_counter() - t0
+    return Sample(toks, wall, stats.ttft_s, stats.as_dict())
+
+
+def summarize(dataset: str, method: str, samples: list[Sample], ref: list[Sample] | None) -> Row:
+    n_tok = sum(len(s.tokens) for s in samples)
+    wall = sum(s.wall_s for s in samples)
+    row = Row(dataset, method, prompts=len(samples), new_tokens=n_tok, wall_s=wall,
+              tokens_per_s=n_tok / wall if wall else 0.0,
+              ttft_s=sum(s.ttft_s for s in samples) / max(1, len(samples)))
+    st = [s.stats for s in samples if s.stats]
+    if st:
+        rounds = sum(x["rounds"] for x in st)
+        row.mean_accepted_len = sum(x["new_tokens"] for x in st) / rounds if rounds else 0.0
+        drafted = sum(x["drafted"] for x in st)
+        row.acceptance_rate = sum(x["accepted"] for x in st) / drafted if drafted else 0.0
+        depth = max((len(x["accepted_per_position"]) for x in st), default=0)
+        row.accepted_per_position = [
+            round(sum(x["accepted_per_position"][d] * x["rounds"] for x in st if d < len(x["accepted_per_position"]))
+                  / rounds, 3) for d in range(depth)] if rounds else []
+        row.extra = {"fallbacks": sum(1 for x in st if x.get("fallback")),
+                     "target_idle_s": sum(x.get("target_idle_s", 0) for x in st),
+                     "draft_idle_s": sum(x.get("draft_idle_s", 0) for x in st),
+                     "verify_s": sum(x.get("verify_s", 0) for x in st)}
+    if ref is not None:
+        row.mismatches = [i for i, (a, b) in enumerate(zip(samples, ref)) if a.tokens != b.tokens]
+        row.exact = not row.mismatches
+    return row
+
+
+def markdown(rows: list[Row]) -> str:
+    head = "| dataset | method | prompts | tokens | tok/s | speedup | TTFT s | accepted/pass | acceptance | exact |"
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        lines.append(f"| {r.dataset} | {r.method} | {r.prompts} | {r.new_tokens} | {r.tokens_per_s:.2f} | "
+                     f"{r.speedup:.2f}x | {r.ttft_s:.2f} | {r.mean_accepted_len:.2f} | {r.acceptance_rate:.2f} | "
+                     f"{'-' if r.exact is None else 'yes' if r.exact else f'NO ({len(r.mismatches)})'} |")
+    return "\n".join(lines)
+
+
+def rows_json(rows: list[Row]) -> list[dict]:
+    return [asdict(r) for r in rows]
+
+
+def progress(total: int, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+METHODS = ("target", "hf-assisted", "hf-prompt-lookup", "duo-sequential", "duo")
+
+
+def run_bench(datasets: list[str], methods: list[str], *, limit: int | None, max_new: int, model=None, draft=None,
+              device="auto", dtype="auto", budget="auto", temperature: float = 0.0, seed: int = 0,
+              warmup: int = 1, log=print, engine_kw: dict | None = None) -> list[Row]:
+    """Run every method on every dataset's prompts; returns one Row per (dataset, method)."""
+    from bench import datasets as ds
+    from duo import models
+
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown method(s) {', '.join(bad)}: choose from {', '.join(METHODS)}")
+    prompts = {d: ds.load(d, limit) for d in datasets}
+    rows: list[Row] = []
+    engine_kw = engine_kw or {}
+    # one Engine per duo method (each has its own thread split); the target-only methods reuse the first
+    engines: dict[str, Engine] = {}
+    try:
+        for m in methods:
+            if m.startswith("duo"):
+                mode = "sequential" if m == "duo-sequential" else "auto"
+                engines[m] = Engine(model, draft, device=device, dtype=dtype, budget=budget, mode=mode, **engine_kw)
+        base = next(iter(engines.values()), None) or Engine(model, draft, device=device, dtype=dtype, mode="target")
+        engines.setdefault("_base", base)
+        tm = base.target
+        assistant = None
+        if "hf-assisted" in methods:
+            dref = models.resolve_draft(draft)
+            aref = models.resolve_target(str(dref.gguf))
+            from transformers import AutoModelForCausalLM
+            assistant = AutoModelForCausalLM.from_pretrained(str(aref.hf_dir), dtype=tm.dtype).to(tm.device).eval()
+        sampling = dict(temperature=temperature, seed=seed) if temperature > 0 else {}
+        hf_sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else {}
+
+        def method_fn(m):
+            if m == "target":
+                return lambda ids: hf_generate(tm.model, ids, max_new, tm.eos_ids, **hf_sampling)
+            if m == "hf-assisted":
+                return lambda ids: hf_generate(tm.model, ids, max_new, tm.eos_ids, assistant_model=assistant,
+                                               **hf_sampling)
+            if m == "hf-prompt-lookup":
+                return lambda ids: hf_generate(tm.model, ids, max_new, tm.eos_ids, prompt_lookup_num_tokens=10,
+                                               **hf_sampling)
+            return lambda ids: duo_sample(engines[m], ids, max_new, **sampling)
+
+        for d, plist in prompts.items():
+            encoded = [base.encode(p.messages) for p in plist]
+            ref = None
+            for m in methods:
+                fn = method_fn(m)
+                for ids in encoded[:warmup]:      # warm-up, not timed
+                    fn(ids)
+                bar = progress(len(encoded), f"{d} {m}")
+                samples = []
+                for ids in encoded:
+                    with torch.inference_mode():
+                        samples.append(fn(ids))
+                    bar.update(1)
+                bar.close()
+                row = summarize(d, m, samples, ref if (temperature == 0 and m != "target") else None)
+                if m == "target":
+                    ref = samples
+                rows.append(row)
+                log(f"{d:10} {m:17} {row.tokens_per_s:6.2f} tok/s  accepted/pass {row.mean_accepted_len:.2f}"
+                    + ("" if row.exact is None else f"  exact={row.exact}"))
+            base_row = next((r for r in rows if r.dataset == d and r.method == "target"), None)
+            for r in rows:
+                if r.dataset == d and base_row and base_row.tokens_per_s:
+                    r.speedup = r.tokens_per_s / base_row.tokens_per_s
+    finally:
+        for e in set(engines.values()):
+            e.close()
+    return rows
+
+
+def plot_speedups(rows: list[Row], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    datasets = list(dict.fromkeys(r.dataset for r in rows))
+    methods = list(dict.fromkeys(r.method for r in rows))
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(datasets), 3.6))
+    w = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        ys = [next((r.speedup for r in rows if r.dataset == d and r.method == m), 0) for d in datasets]
+        ax.bar([j + i * w for j in range(len(datasets))], ys, w, label=m)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(datasets))], datasets)
+    ax.set_ylabel("speedup over target alone")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(args) -> int:
+    rows = run_bench(args.dataset, args.methods, limit=args.limit, max_new=args.max_new_tokens, model=args.model,
+                     draft=args.draft, device=args.device, dtype=args.dtype, budget=args.budget,
+                     temperature=args.temperature, seed=args.seed,
+                     log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(markdown(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows_json(rows), f, indent=1)
+    if args.plot:
+        plot_speedups(rows, args.plot)
+    return 0

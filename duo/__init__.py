@@ -6,7 +6,11 @@ _os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 _os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 __version__ = "0.1.0"
-
-from .engine import DuoError, Engine, Result  # noqa: E402
-
 __all__ = ["Engine", "Result", "DuoError", "__version__"]
+
+
+def __getattr__(name):  # lazy: the draft worker process imports duo.runtime without torch
+    if name in ("Engine", "Result", "DuoError"):
+        from . import engine
+        return getattr(engine, name)
+    raise AttributeError(name)

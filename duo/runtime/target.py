@@ -188,6 +188,7 @@ def _layers(cache):
     raise TargetError("unsupported transformers cache (needs DynamicCache with .layers, transformers >= 4.56)")
 
 
+@torch.inference_mode()
 def compact_cache(cache, n_keep: int, path: list[int]) -> None:
     """Keep the first n_keep entries (prefix + root) and the accepted nodes, drop the rest of the tree.
 

@@ -1,0 +1,254 @@
+"""Shared-memory channel between the target process and the draft worker.
+
+One ``SharedMemory`` block named ``duo_<pid>_<hex>`` holds fixed-size numpy arrays:
+
+* ``ctrl``   int64  [CTRL_LEN]   round ids, command, status, lengths, worker stats
+* ``tokens`` int32  [n_ctx]      request payload: the prompt or the committed delta
+* tree buffers [max_nodes]       tokens int32, parents int32, probs float32, source int8
+* ``msg``    uint8  [MSG_BYTES]  an error message (utf-8)
+
+Two spawn-context semaphores wake the other side: ``req`` (target -> worker) and
+``resp`` (worker -> target). Only one request is in flight at a time, so a
+release/acquire pair is all the synchronisation needed (semaphore operations are
+full memory barriers). The parent creates and finally unlinks the block; the child
+only attaches.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+
+import numpy as np
+
+from duo.runtime.tree import Tree
+
+# Control block slots (int64).
+ROUND = 0        # request round id, written by the target
+CMD = 1          # command of the request
+N_TOKENS = 2     # tokens in the request payload
+BUDGET = 3       # max tree nodes
+WIDTH = 4        # max branches / frontier width
+SHAPE = 5        # tree shape code (SHAPES)
+FLAGS = 6        # FLAG_* bits
+RESP_ROUND = 7   # round id the response answers
+STATUS = 8       # STATUS_* of the response
+ERROR = 9        # ERR_* code when STATUS == STATUS_ERROR
+N_NODES = 10     # nodes in the tree buffers
+MSG_LEN = 11     # bytes of the error message
+N_VOCAB = 12     # draft vocabulary size, published at READY
+WORKER_PID = 13
+BUSY_NS = 14     # worker stats, updated after every command
+IDLE_NS = 15
+N_DECODED = 16   # tokens llama_decode'd into the KV cache
+ROLLBACKS = 17   # times seq 0's KV had to be cut back to the committed prefix
+HITS = 18        # overlap: prepared tree was the one asked for
+MISSES = 19      # overlap: prepared tree thrown away
+N_REQUESTS = 20
+CTRL_LEN = 32
+
+CMD_NONE, CMD_PING, CMD_START, CMD_TREE, CMD_STOP = 0, 1, 2, 3, 4
+STATUS_NONE, STATUS_OK, STATUS_READY, STATUS_ERROR = 0, 1, 2, 3
+ERR_NONE, ERR_LOAD, ERR_BAD_REQUEST, ERR_LLAMA, ERR_CTX_FULL, ERR_INTERNAL = 0, 1, 2, 3, 4, 5
+FLAG_OVERLAP = 1
+
+SHAPES = {"chain": 0, "dynamic": 1, "eagle": 2}
+SHAPE_NAMES = {v: k for k, v in SHAPES.items()}
+
+MSG_BYTES = 4096
+
+
+@dataclass
+class Request:
+    round: int
+    cmd: int
+    tokens: list[int]
+    budget: int
+    width: int
+    shape: str
+    flags: int
+
+
+@dataclass
+class ChannelSpec:
+    """Everything the child needs to attach (picklable while spawning)."""
+    name: str
+    n_ctx: int
+    max_nodes: int
+    req: object
+    resp: object
+
+
+def _layout(n_ctx: int, max_nodes: int) -> list[tuple[str, np.dtype, int]]:
+    return [
+        ("ctrl", np.dtype(np.int64), CTRL_LEN),
+        ("tokens", np.dtype(np.int32), n_ctx),
+        ("tree_tokens", np.dtype(np.int32), max_nodes),
+        ("tree_parents", np.dtype(np.int32), max_nodes),
+        ("tree_probs", np.dtype(np.float32), max_nodes),
+        ("tree_source", np.dtype(np.int8), max_nodes),
+        ("msg", np.dtype(np.uint8), MSG_BYTES),
+    ]
+
+
+def _nbytes(n_ctx: int, max_nodes: int) -> int:
+    return sum(_align(dt.itemsize * n) for _, dt, n in _layout(n_ctx, max_nodes))
+
+
+def _align(n: int) -> int:
+    return (n + 63) // 64 * 64
+
+
+class Channel:
+    """Fixed-size arrays in one shared-memory block plus the two wake-up semaphores."""
+
+    def __init__(self, shm: shared_memory.SharedMemory, spec: ChannelSpec, owner: bool):
+        self.shm, self.spec, self.owner = shm, spec, owner
+        self.n_ctx, self.max_nodes = spec.n_ctx, spec.max_nodes
+        self.req, self.resp = spec.req, spec.resp
+        off = 0
+        for name, dt, n in _layout(spec.n_ctx, spec.max_nodes):
+            setattr(self, name, np.ndarray((n,), dtype=dt, buffer=shm.buf, offset=off))
+            off += _align(dt.itemsize * n)
+        self._closed = False
+
+    # ---------------------------------------------------------------- life cycle
+    @staticmethod
+    def create(n_ctx: int, max_nodes: int, ctx=None) -> "Channel":
+        ctx = ctx or mp.get_context("spawn")
+        name = f"duo_{os.getpid()}_{secrets.token_hex(6)}"
+        shm = shared_memory.SharedMemory(name=name, create=True, size=_nbytes(n_ctx, max_nodes))
+        spec = ChannelSpec(name, n_ctx, max_nodes, ctx.Semaphore(0), ctx.Semaphore(0))
+        chan = Channel(shm, spec, owner=True)
+        chan.ctrl[:] = 0
+        return chan
+
+    @staticmethod
+    def attach(spec: ChannelSpec) -> "Channel":
+        # A spawn child shares its parent's resource tracker (the tracker fd is inherited),
+        # so attaching re-registers the same name in the same set: a no-op. We must NOT
+        # unregister here: that would drop the parent's registration too, and a SIGKILLed
+        # parent would then leak the segment instead of the tracker unlinking it.
+        shm = shared_memory.SharedMemory(name=spec.name, create=False)
+        return Channel(shm, spec, owner=False)
+
+    def close(self) -> None:
+        """Detach; the owner also unlinks. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for name, _, _ in _layout(self.n_ctx, self.max_nodes):
+            setattr(self, name, None)  # drop the views before closing the mapping
+        try:
+            self.shm.close()
+        except BufferError:
+            pass
+        if self.owner:
+            try:
+                self.shm.unlink()
+            except FileNotFoundError:
+                pass
+
+    # ---------------------------------------------------------------- requests
+    def write_request(self, round: int, cmd: int, tokens=(), budget: int = 0, width: int = 0,
+                      shape: str = "chain", flags: int = 0) -> None:
+        n = len(tokens)
+        if n > self.n_ctx:
+            raise ValueError(f"request of {n} tokens exceeds the channel capacity {self.n_ctx}")
+        if n:
+            self.tokens[:n] = np.asarray(tokens, dtype=np.int32)
+        c = self.ctrl
+        c[CMD], c[N_TOKENS], c[BUDGET], c[WIDTH] = cmd, n, budget, width
+        c[SHAPE], c[FLAGS] = SHAPES[shape], flags
+        c[ROUND] = round
+
+    def read_request(self) -> Request:
+        c = self.ctrl
+        n = int(c[N_TOKENS])
+        return Request(int(c[ROUND]), int(c[CMD]), self.tokens[:n].tolist(), int(c[BUDGET]),
+                       int(c[WIDTH]), SHAPE_NAMES.get(int(c[SHAPE]), "?"), int(c[FLAGS]))
+
+    # ---------------------------------------------------------------- responses
+    def write_status(self, round: int, status: int) -> None:
+        self.ctrl[STATUS], self.ctrl[ERROR], self.ctrl[N_NODES] = status, ERR_NONE, 0
+        self.ctrl[RESP_ROUND] = round
+
+    def write_tree(self, round: int, tree: Tree) -> None:
+        n = len(tree)
+        if n > self.max_nodes:
+            raise ValueError(f"tree of {n} nodes exceeds the channel capacity {self.max_nodes}")
+        self.tree_tokens[:n] = tree.tokens
+        self.tree_parents[:n] = tree.parents
+        self.tree_probs[:n] = tree.probs
+        self.tree_source[:n] = tree.source
+        self.ctrl[N_NODES] = n
+        self.ctrl[STATUS], self.ctrl[ERROR] = STATUS_OK, ERR_NONE
+        self.ctrl[RESP_ROUND] = round
+
+    def read_tree(self) -> tuple[int, Tree]:
+        n = int(self.ctrl[N_NODES])
+        if not 0 <= n <= self.max_nodes:
+            raise ValueError(f"corrupt tree length {n}")
+        tree = Tree(self.tree_tokens[:n].copy(), self.tree_parents[:n].copy(),
+                    self.tree_probs[:n].copy(), self.tree_source[:n].copy())
+        return int(self.ctrl[RESP_ROUND]), tree
+
+    def write_error(self, round: int, code: int, message: str) -> None:
+        raw = message.encode("utf-8", "replace")[-MSG_BYTES:]  # keep the tail: the exception line
+        self.msg[:len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+        self.ctrl[MSG_LEN], self.ctrl[ERROR], self.ctrl[N_NODES] = len(raw), code, 0
+        self.ctrl[STATUS] = STATUS_ERROR
+        self.ctrl[RESP_ROUND] = round
+
+    def read_error(self) -> tuple[int, str]:
+        n = int(min(max(self.ctrl[MSG_LEN], 0), MSG_BYTES))
+        return int(self.ctrl[ERROR]), bytes(self.msg[:n]).decode("utf-8", "replace")
+
+
+# -------------------------------------------------------------------- latency probe
+def _echo_main(spec: ChannelSpec) -> None:
+    """Minimal worker: answer every request until CMD_STOP (or 5 s without one)."""
+    chan = Channel.attach(spec)
+    try:
+        while chan.req.acquire(timeout=5.0):
+            r = chan.read_request()
+            chan.write_status(r.round, STATUS_OK)
+            chan.resp.release()
+            if r.cmd == CMD_STOP:
+                break
+    finally:
+        chan.close()
+
+
+def measure_round_trip(n: int = 200) -> np.ndarray:
+    """Round-trip seconds of ``n`` PING exchanges with a bare spawned echo process
+    (the channel's own latency, no llama.cpp)."""
+    ctx = mp.get_context("spawn")
+    chan = Channel.create(16, 1, ctx)
+    proc = ctx.Process(target=_echo_main, args=(chan.spec,), daemon=True)
+    proc.start()
+    try:
+        out = np.zeros(n)
+        for i in range(n + 1):
+            t0 = time.perf_counter()
+            chan.write_request(i + 1, CMD_PING if i < n else CMD_STOP)
+            chan.req.release()
+            if not chan.resp.acquire(timeout=10.0):
+                raise TimeoutError("echo process did not answer")
+            if i < n:
+                out[i] = time.perf_counter() - t0
+        proc.join(5.0)
+        return out
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        chan.close()
+
+
+if __name__ == "__main__":
+    rt = measure_round_trip(500)
+    print(f"round trip: median {np.median(rt) * 1e6:.1f} us, p90 {np.percentile(rt, 90) * 1e6:.1f} us")

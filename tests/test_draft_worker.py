@@ -1,0 +1,342 @@
+"""Draft worker: KV rollback correctness against a fresh llama.cpp, tree shapes, overlap,
+channel latency and process / shared-memory life cycle."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+psutil = pytest.importorskip("psutil")
+llama_cpp = pytest.importorskip("llama_cpp")
+
+from duo.runtime.channel import measure_round_trip  # noqa: E402
+from duo.runtime.draft_worker import (  # noqa: E402
+    DraftClient, DraftConfig, DraftDied, DraftError, DraftTimeout, split_budget, top_path,
+)
+from duo.runtime.tree import Tree  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def draft_gguf():
+    try:
+        from duo.testing.tiny_pair import build_tiny_pair
+    except ImportError as e:
+        pytest.skip(f"tiny pair builder unavailable: {e}")
+    pair = build_tiny_pair(Path(tempfile.gettempdir()) / "duo_tiny_pair_tests")
+    return str(pair.draft_gguf)
+
+
+@pytest.fixture(scope="module")
+def ref(draft_gguf):
+    """A fresh llama.cpp model on the same GGUF, evaluated from scratch for every prefix."""
+    llm = llama_cpp.Llama(model_path=draft_gguf, n_ctx=1024, n_batch=256, logits_all=True, n_threads=1,
+                          n_gpu_layers=0, verbose=False)
+    yield Ref(llm)
+    llm.close()
+
+
+class Ref:
+    def __init__(self, llm):
+        self.llm = llm
+        self.n_vocab = llm.n_vocab()
+
+    def logits(self, tokens) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(list(tokens))
+        return np.array(self.llm.scores[self.llm.n_tokens - 1])
+
+    def probs(self, tokens) -> np.ndarray:
+        x = self.logits(tokens).astype(np.float64)
+        e = np.exp(x - x.max())
+        return e / e.sum()
+
+    def greedy(self, tokens, n) -> list[int]:
+        self.llm.reset()
+        self.llm.eval(list(tokens))
+        out = []
+        for _ in range(n):
+            t = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            out.append(t)
+            self.llm.eval([t])
+        return out
+
+
+def cfg(path, **kw) -> DraftConfig:
+    return DraftConfig(gguf_path=path, n_threads=1, n_ctx=1024, max_nodes=64, max_seqs=8, load_timeout_s=60, **kw)
+
+
+def my_segments() -> list[str]:
+    return sorted(p for p in os.listdir("/dev/shm") if p.startswith(f"duo_{os.getpid()}_"))
+
+
+def gone(pid: int, wait: float = 5.0) -> bool:
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def assert_clean(pid: int) -> None:
+    assert gone(pid), f"draft worker {pid} still running"
+    assert pid not in [c.pid for c in psutil.Process().children(recursive=True)]
+    assert my_segments() == []
+
+
+def same_tree(a: Tree, b: Tree) -> None:
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.parents, b.parents)
+    np.testing.assert_allclose(a.probs, b.probs, atol=1e-4)
+
+
+def path_tokens(tree: Tree, i: int) -> list[int]:
+    out = []
+    while i >= 0:
+        out.append(int(tree.tokens[i]))
+        i = int(tree.parents[i])
+    return out[::-1]
+
+
+# ------------------------------------------------------------------------------------ KV cache
+def test_chain_equals_fresh_greedy_across_rollbacks(draft_gguf, ref):
+    rng = np.random.default_rng(0)
+    V = ref.n_vocab
+    prompt = rng.integers(3, V, 24).tolist()
+    committed = list(prompt)
+    budget = 6
+    bound = len(prompt)  # tokens a prefix-reusing worker may decode at most
+    with DraftClient(cfg(draft_gguf)) as c:
+        c.start(prompt, overlap=False)
+        delta: list[int] = []
+        for r in range(10):
+            tree = c.request_tree(delta, budget, 1, timeout=30, shape="chain")
+            committed += delta
+            bound += len(delta) + 1 + budget
+            expect = ref.greedy(committed, budget)
+            assert tree.tokens.tolist() == expect, f"round {r}"
+            np.testing.assert_allclose(tree.probs[0], ref.probs(committed)[expect[0]], atol=2e-3)  # f16 KV, batch-shape rounding
+            kind = r % 3
+            if kind == 0:    # accept a prefix, then the target's own (different) token
+                k = int(rng.integers(0, budget))
+                bad = (expect[k] + 1 + int(rng.integers(0, V - 4))) % V
+                delta = expect[:k] + [bad]
+            elif kind == 1:  # accept everything plus a bonus
+                delta = expect + [int(rng.integers(0, V))]
+            else:            # something unrelated
+                delta = rng.integers(0, V, int(rng.integers(1, 5))).tolist()
+        st = c.stats
+    assert st.rollbacks >= 5
+    assert 0 < st.n_decoded <= bound, (st.n_decoded, bound)
+    assert st.n_requests == 10
+
+
+def test_timeout_keeps_delta_semantics(draft_gguf, ref):
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(3, ref.n_vocab, 300).tolist()
+    with DraftClient(cfg(draft_gguf)) as c:
+        c.start(prompt, overlap=False)
+        with pytest.raises(DraftTimeout):  # the START prefill is still running
+            c.request_tree([], 8, 1, timeout=1e-4, shape="chain")
+        extra = [5, 6, 7]
+        tree = c.request_tree(extra, 8, 1, timeout=30, shape="chain")
+        assert tree.tokens.tolist() == ref.greedy(prompt + extra, 8)
+
+
+# ------------------------------------------------------------------------------------ shapes
+@pytest.mark.parametrize("shape", ["dynamic", "eagle"])
+def test_tree_shapes_are_valid_and_match_fresh_probs(draft_gguf, ref, shape):
+    rng = np.random.default_rng(2)
+    V = ref.n_vocab
+    prompt = rng.integers(3, V, 16).tolist()
+    committed = list(prompt)
+    with DraftClient(cfg(draft_gguf)) as c:
+        c.start(prompt, overlap=False)
+        delta: list[int] = []
+        for r, (budget, width) in enumerate([(12, 4), (1, 4), (16, 2), (10, 1), (20, 8), (7, 3)]):
+            tree = c.request_tree(delta, budget, width, timeout=30, shape=shape)
+            committed += delta
+            tree.validate(V)
+            assert 1 <= len(tree) <= budget
+            kids = tree.children()
+            assert len(kids[0]) <= width
+            if shape == "dynamic":
+                assert all(len(k) <= 1 for k in kids[1:]), "dynamic branches are chains"
+                greedy = ref.greedy(committed, 1)
+                assert int(tree.tokens[kids[0][0]]) == greedy[0]
+            else:
+                assert all(len(k) <= width for k in kids)
+                assert len(tree) == budget
+            # every node's probability is the fresh model's conditional probability of its token
+            for i in range(len(tree)):
+                p = ref.probs(committed + path_tokens(tree, i)[:-1])
+                assert abs(float(tree.probs[i]) - p[tree.tokens[i]]) < 1e-3, (r, i)
+                sib = kids[int(tree.parents[i]) + 1]
+                if shape == "eagle" or tree.parents[i] >= 0:  # children are the top tokens, best first
+                    ranked = np.argsort(-p, kind="stable")[:len(sib)]
+                    assert sorted(int(tree.tokens[j]) for j in sib) == sorted(ranked.tolist())
+            # accept part of the top path, then a random target token
+            path = top_path(tree)
+            k = int(rng.integers(0, len(path) + 1))
+            delta = [int(tree.tokens[j]) for j in path[:k]] + [int(rng.integers(0, V))]
+
+
+def test_dynamic_branching_rule(draft_gguf, ref):
+    """Branches open exactly on first-position tokens with p > p1 * p2."""
+    rng = np.random.default_rng(3)
+    with DraftClient(cfg(draft_gguf)) as c:
+        for trial in range(4):
+            prompt = rng.integers(3, ref.n_vocab, 12).tolist()
+            c.start(prompt, overlap=False)
+            tree = c.request_tree([], 16, 4, timeout=30, shape="dynamic")
+            p = ref.probs(prompt)
+            top = np.argsort(-p, kind="stable")[:4]
+            p1 = p[top[0]]
+            p2 = ref.probs(prompt + [int(top[0])]).max()
+            n_branch = int(1 + np.sum(p[top[1:]] > p1 * p2))
+            assert len(tree.children()[0]) == n_branch
+
+
+def test_split_budget():
+    assert split_budget(10, [1.0]) == [10]
+    assert sum(split_budget(16, [0.5, 0.3, 0.1, 0.1])) == 16
+    assert split_budget(4, [0.9, 0.05, 0.03, 0.02]) == [1, 1, 1, 1]
+    assert split_budget(12, [0.6, 0.2, 0.2]) == [6, 3, 3]  # 1 each + 9 * w = 5.4, 1.8, 1.8
+
+
+# ------------------------------------------------------------------------------------ overlap
+@pytest.mark.parametrize("shape,width", [("chain", 1), ("dynamic", 4), ("eagle", 3)])
+def test_overlap_hits_equal_fresh_trees(draft_gguf, ref, shape, width):
+    rng = np.random.default_rng(4)
+    prompt = rng.integers(3, ref.n_vocab, 20).tolist()
+    budget = 10
+    with DraftClient(cfg(draft_gguf)) as a, DraftClient(cfg(draft_gguf)) as b:
+        a.start(prompt, overlap=True, budget=budget, width=width, shape=shape)
+        b.start(prompt, overlap=False)
+        committed = list(prompt)
+        delta: list[int] = []
+        expected_hits = 0
+        for r in range(6):
+            if r % 2:
+                time.sleep(0.2)  # let the worker finish the prepared tree (else: finish on request)
+            ta = a.request_tree(delta, budget, width, timeout=30, shape=shape)
+            tb = b.request_tree(delta, budget, width, timeout=30, shape=shape)
+            committed += delta
+            same_tree(ta, tb)
+            path = [int(ta.tokens[i]) for i in top_path(ta)]
+            if r == 3:  # the target disagrees: a miss
+                delta = path[:1] + [(ref.greedy(committed + path[:1], 1)[0] + 1) % ref.n_vocab]
+            else:       # the target takes the top path and the draft's own next token
+                delta = path + ref.greedy(committed + path, 1)
+                expected_hits += 1
+        st = a.stats
+    assert st.overlap_hits >= expected_hits  # the first request (delta []) is a hit too
+    assert st.overlap_misses >= 1
+    assert b.stats.overlap_hits == 0
+
+
+# ------------------------------------------------------------------------------------ channel
+def test_ping_round_trip(draft_gguf):
+    with DraftClient(cfg(draft_gguf)) as c:
+        rt = np.array([c.ping() for _ in range(200)])
+    med = np.median(rt)
+    print(f"\nworker ping round trip: median {med * 1e6:.1f} us, p90 {np.percentile(rt, 90) * 1e6:.1f} us")
+    assert med < 2e-3
+    assert np.median(measure_round_trip(100)) < 2e-3
+
+
+def test_worker_reports_errors_and_recovers(draft_gguf, ref):
+    prompt = [5, 6, 7, 8]
+    with DraftClient(cfg(draft_gguf)) as c:
+        c.start(prompt, overlap=False)
+        with pytest.raises(DraftError, match="out of range"):
+            c.request_tree([ref.n_vocab + 5], 4, 1, timeout=30, shape="chain")
+        with pytest.raises(ValueError):
+            c.request_tree([], 1000, 1, timeout=30, shape="chain")
+        tree = c.request_tree([9], 4, 1, timeout=30, shape="chain")
+        assert tree.tokens.tolist() == ref.greedy(prompt + [9], 4)
+        assert c.alive()
+
+
+# ------------------------------------------------------------------------------------ life cycle
+def test_close_leaves_nothing(draft_gguf):
+    c = DraftClient(cfg(draft_gguf))
+    pid = c.worker_pid
+    assert psutil.pid_exists(pid) and len(my_segments()) == 1
+    c.close()
+    c.close()
+    assert not c.alive()
+    assert_clean(pid)
+
+
+def test_exception_inside_with_leaves_nothing(draft_gguf):
+    with pytest.raises(KeyError):
+        with DraftClient(cfg(draft_gguf)) as c:
+            pid = c.worker_pid
+            c.start([1, 2, 3], overlap=True)
+            raise KeyError("boom")
+    assert_clean(pid)
+
+
+def test_sigkilled_worker_raises_promptly(draft_gguf):
+    c = DraftClient(cfg(draft_gguf))
+    pid = c.worker_pid
+    c.start([1, 2, 3, 4], overlap=False)
+    c.request_tree([], 4, 1, timeout=30, shape="chain")
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(DraftDied):
+        c.request_tree([5], 4, 1, timeout=30, shape="chain")
+    assert time.monotonic() - t0 < 2.0
+    assert not c.alive()
+    with pytest.raises(DraftDied):
+        c.ping()
+    c.restart()
+    new_pid = c.worker_pid
+    assert new_pid != pid and c.alive()
+    c.close()
+    assert_clean(pid)
+    assert_clean(new_pid)
+
+
+def test_bad_gguf_raises_with_message(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(DraftError, match="bad.gguf"):
+        DraftClient(DraftConfig(gguf_path=str(bad), n_ctx=256, load_timeout_s=60))
+    assert my_segments() == []
+    kids = [k for k in psutil.Process().children(recursive=True) if "resource_tracker" not in " ".join(k.cmdline())]
+    assert all(gone(k.pid) for k in kids)
+
+
+def test_sigkilled_target_leaves_no_orphan(draft_gguf):
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from duo.runtime.draft_worker import DraftClient, DraftConfig
+        c = DraftClient(DraftConfig(gguf_path={draft_gguf!r}, n_ctx=256))
+        c.start([1, 2, 3], overlap=True)
+        print(c.worker_pid, c._chan.spec.name, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    pid, name = out.stdout.split()
+    assert gone(int(pid), wait=5.0), "draft worker outlived its SIGKILLed parent"
+    deadline = time.monotonic() + 5.0
+    while os.path.exists(f"/dev/shm/{name}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/dev/shm/{name}")

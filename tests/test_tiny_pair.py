@@ -1,0 +1,216 @@
+"""The tiny random-weight pair: vocabulary, tokenizer parity, weight layout, agreement, peakedness.
+
+These checks are what make the tiny pair trustworthy as a stand-in for a real target/draft pair:
+transformers and llama.cpp must read the same GGUF as the same tokenizer and the same function.
+"""
+
+import functools
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from duo.testing.tiny_pair import SPECIAL_TOKENS, _quiet_transformers, build_tiny_pair, build_vocab, reference_weights
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+TEXTS = [
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "  leading spaces,\ttabs\tand\n\nnewlines   trailing  ",
+    "naïve café — 日本語のテキスト, emoji 🙂 and ümlauts: äöü ß",
+    "numbers 1234567890 and 3.14159, x**2 >= 42; it's they'll we're I'M",
+    "literal <|im_end|> and <|im_start|>user and <|endoftext|> inside text",
+]
+
+
+def _llama(path, **kw):
+    kw.setdefault("n_ctx", 512)
+    return llama_cpp.Llama(model_path=str(path), n_threads=1, n_threads_batch=1, verbose=False, **kw)
+
+
+def _hf_tokenizer(pair):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(pair.target_hf_dir))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_hf_model(path):
+    from transformers import AutoModelForCausalLM
+
+    with _quiet_transformers():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _hf_model(pair):
+    return _load_hf_model(str(pair.target_hf_dir))
+
+
+def _llama_logits(path, tokens, **kw):
+    llm = _llama(path, logits_all=True, **kw)
+    llm.eval(list(tokens))
+    out = np.array(llm.scores[: len(tokens)], dtype=np.float64)
+    llm.close()
+    return out
+
+
+def _torch_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.tensor([list(tokens)])).logits[0].double().numpy()
+
+
+def _random_tokens(pair, n, seed):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, pair.vocab_size - len(SPECIAL_TOKENS), n).tolist()
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def pair(request):
+    return request.getfixturevalue("tiny_pair" if request.param == "qwen2" else "tiny_pair_llama")
+
+
+# --------------------------------------------------------------------------- files
+
+
+def test_vocab_is_deterministic_byte_level_bpe():
+    tokens, merges = build_vocab()
+    assert (tokens, merges) == build_vocab()
+    assert len(tokens) == 512 and len(set(tokens)) == 512
+    assert tuple(tokens[-3:]) == SPECIAL_TOKENS
+    assert len(merges) >= 512 - 256 - 3
+    vocab = set(tokens)
+    for m in merges:  # every merge joins two known tokens into a known token
+        a, b = m.split(" ")
+        assert a in vocab and b in vocab and a + b in vocab
+
+
+def test_gguf_metadata_mirrors_qwen2(pair):
+    import gguf
+
+    for path in (pair.target_gguf, pair.draft_gguf):
+        r = gguf.GGUFReader(str(path))
+        f = {k: v.contents() for k, v in r.fields.items()}
+        assert f["general.architecture"] == pair.arch
+        assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "qwen2"
+        tokens, types = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"]
+        assert len(tokens) == pair.vocab_size == 512
+        assert [t for t, ty in zip(tokens, types) if ty == gguf.TokenType.CONTROL] == list(SPECIAL_TOKENS)
+        assert tokens[f["tokenizer.ggml.eos_token_id"]] == "<|im_end|>"
+        assert tokens[f["tokenizer.ggml.bos_token_id"]] == "<|endoftext|>"
+        assert tokens[f["tokenizer.ggml.padding_token_id"]] == "<|endoftext|>"
+        assert f["tokenizer.ggml.add_bos_token"] is False
+        assert "<|im_start|>" in f["tokenizer.chat_template"]
+        a = pair.arch
+        assert (f[f"{a}.block_count"], f[f"{a}.embedding_length"], f[f"{a}.feed_forward_length"]) == (2, 64, 128)
+        assert (f[f"{a}.attention.head_count"], f[f"{a}.attention.head_count_kv"]) == (4, 2)
+        assert f[f"{a}.context_length"] == 2048
+        shapes = {t.name: [int(x) for x in t.shape] for t in r.tensors}  # ggml order: ne[0] first
+        assert shapes["token_embd.weight"] == [64, 512]
+        assert shapes["output.weight"] == [64, 512]
+        assert shapes["blk.0.attn_k.weight"] == [64, 32]
+        assert shapes["blk.1.ffn_down.weight"] == [128, 64]
+        assert ("blk.0.attn_q.bias" in shapes) == (pair.arch == "qwen2")
+        assert all(t.tensor_type == gguf.GGMLQuantizationType.F32 for t in r.tensors)
+
+
+def test_cached_build_is_reused(tiny_pair):
+    mtimes = [p.stat().st_mtime_ns for p in (tiny_pair.target_gguf, tiny_pair.draft_gguf)]
+    t0 = time.monotonic()
+    again = build_tiny_pair(tiny_pair.root, arch="qwen2")
+    assert time.monotonic() - t0 < 2.0
+    assert again == tiny_pair
+    assert [p.stat().st_mtime_ns for p in (again.target_gguf, again.draft_gguf)] == mtimes
+
+
+def test_hf_export_config(tiny_pair):
+    model = _hf_model(tiny_pair)
+    cfg = model.config
+    assert cfg.model_type == "qwen2" and not cfg.tie_word_embeddings
+    assert cfg.vocab_size == 512 and cfg.max_position_embeddings == 2048
+    assert getattr(cfg, "quantization_config", None) is None
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    assert cfg.eos_token_id == tiny_pair.eos_token_id
+    tok = _hf_tokenizer(tiny_pair)
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+# --------------------------------------------------------------------------- tokenizer parity
+
+
+def test_tokenizer_matches_llama_cpp(tiny_pair):
+    from transformers import AutoTokenizer
+
+    hf = _hf_tokenizer(tiny_pair)
+    from_gguf = AutoTokenizer.from_pretrained(str(tiny_pair.root), gguf_file=tiny_pair.target_gguf.name)
+    llm = _llama(tiny_pair.draft_gguf, vocab_only=True)
+    special_ids = {hf.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    assert special_ids == {509, 510, 511}
+    for text in TEXTS:
+        # Special tokens written in the text stay text (llama.cpp special=False).
+        ref = llm.tokenize(text.encode(), add_bos=False, special=False)
+        assert hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] == ref, text
+        assert from_gguf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] == ref, text
+        assert not special_ids & set(ref)
+        assert llm.detokenize(ref).decode() == text
+        assert hf.decode(ref) == text
+        # ... and become control tokens when parsed as special (llama.cpp special=True).
+        ref_special = llm.tokenize(text.encode(), add_bos=False, special=True)
+        assert hf(text, add_special_tokens=False)["input_ids"] == ref_special, text
+    chat = "<|im_start|>user\nwrite fibonacci<|im_end|>\n<|im_start|>assistant\n"
+    ids = llm.tokenize(chat.encode(), add_bos=False, special=True)
+    assert ids[0] == 510 and ids.count(511) == 1 and ids.count(510) == 2
+    assert hf(chat, add_special_tokens=False)["input_ids"] == ids
+    assert llm.token_eos() == 511
+    llm.close()
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def test_torch_target_has_the_generated_weights(pair):
+    """What transformers reads from target.gguf is what was generated (catches a wrong dimension
+    order or a wrong Llama q/k permutation in the writer; the loader undoes llama.cpp's)."""
+    state = {k: v.numpy() for k, v in _hf_model(pair).state_dict().items()}
+    ref = reference_weights(pair)
+    assert set(ref) == set(state)
+    for name, w in ref.items():
+        np.testing.assert_array_equal(state[name], w, err_msg=name)
+    assert not np.array_equal(reference_weights(pair, "draft")["lm_head.weight"], ref["lm_head.weight"])
+
+
+def test_llama_cpp_and_torch_compute_the_same_function(pair):
+    """Same logits from llama.cpp (target.gguf) and torch (target_hf): proves the weight layout,
+    including the rope convention (q/k permutation for llama), which only shows past position 0."""
+    tokens = _random_tokens(pair, 48, seed=1)
+    ref = _torch_logits(_hf_model(pair), tokens)
+    # F32 KV cache: the default F16 one alone moves logits by ~1e-3 relative.
+    got = _llama_logits(pair.target_gguf, tokens, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    scale = np.abs(ref).max()
+    err = np.abs(got - ref).max()
+    print(f"\n[{pair.arch}] max |llama.cpp - torch| = {err:.2e} (max |logit| {scale:.1f})")
+    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3 * scale)
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_draft_agrees_with_target_part_of_the_time(pair):
+    tokens = _random_tokens(pair, 256, seed=2)
+    target = _torch_logits(_hf_model(pair), tokens).argmax(-1)
+    draft = _llama_logits(pair.draft_gguf, tokens).argmax(-1)
+    rate = float((target == draft).mean())
+    print(f"\n[{pair.arch}] draft/target greedy agreement: {rate:.3f} over {len(tokens)} positions")
+    assert 0.35 <= rate <= 0.75
+
+
+def test_target_logits_are_peaked(pair):
+    tokens = _random_tokens(pair, 256, seed=3)
+    logits = _torch_logits(_hf_model(pair), tokens)
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    gap = top2[:, 1] - top2[:, 0]
+    print(f"\n[{pair.arch}] top-2 gap: median {np.median(gap):.3f}, 1st pct {np.percentile(gap, 1):.4f}, "
+          f"min {gap.min():.2e}")
+    assert np.median(gap) > 0.5
+    assert (gap < 1e-3).mean() < 0.01

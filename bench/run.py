@@ -125,7 +125,8 @@ def progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
-METHODS = ("target", "hf-assisted", "hf-prompt-lookup", "duo-sequential", "duo")
+METHODS = ("target", "hf-assisted", "hf-prompt-lookup", "duo-sequential", "duo-overlap", "duo")
+DUO_MODES = {"duo-sequential": "sequential", "duo-overlap": "overlap", "duo": "auto"}
 
 
 def run_bench(datasets: list[str], methods: list[str], *, limit: int | None, max_new: int, model=None, draft=None,
@@ -146,8 +147,8 @@ def run_bench(datasets: list[str], methods: list[str], *, limit: int | None, max
     try:
         for m in methods:
             if m.startswith("duo"):
-                mode = "sequential" if m == "duo-sequential" else "auto"
-                engines[m] = Engine(model, draft, device=device, dtype=dtype, budget=budget, mode=mode, **engine_kw)
+                engines[m] = Engine(model, draft, device=device, dtype=dtype, budget=budget, mode=DUO_MODES[m],
+                                    progress=False, **engine_kw)
         base = next(iter(engines.values()), None) or Engine(model, draft, device=device, dtype=dtype, mode="target")
         engines.setdefault("_base", base)
         tm = base.target

@@ -169,13 +169,14 @@ def cmd_run(args) -> int:
         stats = Stats()
         pieces = []
         last = 0.0
+        live = args.stats and not (sys.stdout.isatty() and sys.stderr.isatty() and not args.json)
         try:
             for _, piece in engine.stream_tokens(prompt, system=args.system, stats=stats, **gen):
                 pieces.append(piece)
                 if not args.json:
                     sys.stdout.write(piece)
                     sys.stdout.flush()
-                if args.stats and time.perf_counter() - last > 0.25:
+                if live and time.perf_counter() - last > 0.25:
                     last = time.perf_counter()
                     print("\r\033[K" + stats_line(stats.as_dict()), end="", file=sys.stderr, flush=True)
         except KeyboardInterrupt:
@@ -185,12 +186,13 @@ def cmd_run(args) -> int:
             print("duo: interrupted", file=sys.stderr)
             return EXIT_INTERRUPT
         st = stats.as_dict()
+        if not args.json:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
         if args.stats:
-            print("\r\033[K" + stats_line(st), file=sys.stderr)
+            print(("\r\033[K" if live else "") + stats_line(st), file=sys.stderr)
         if args.json:
             print(json.dumps({"text": "".join(pieces), "stats": st}))
-        else:
-            sys.stdout.write("\n")
     return 0
 
 

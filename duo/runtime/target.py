@@ -100,6 +100,8 @@ def load_target(hf_dir: str | Path, device: str = "auto", dtype: str = "auto", n
         i = tok.convert_tokens_to_ids(t)
         if isinstance(i, int) and i != tok.unk_token_id and i is not None and i < cfg.vocab_size:
             eos_ids.add(i)
+    if dev.type == "cpu":
+        use_onednn_linears(model)
     tm = TargetModel(model=model, tokenizer=tok, device=dev, dtype=dt, vocab_size=cfg.vocab_size,
                      max_context=int(getattr(cfg, "max_position_embeddings", 4096) or 4096),
                      eos_ids=frozenset(eos_ids), name=name or Path(hf_dir).name, threads=threads)
@@ -107,6 +109,31 @@ def load_target(hf_dir: str | Path, device: str = "auto", dtype: str = "auto", n
     if not tm.supports_tree:
         log.warning("target %s does not verify trees correctly with a 4D mask; drafting chains only", tm.name)
     return tm
+
+
+def use_onednn_linears(model: torch.nn.Module) -> int:
+    """On the CPU, run every Linear through oneDNN instead of the default BLAS call.
+
+    Same fp32 math; on a 2-core AVX-512 machine a 16-row matmul then costs ~2x one row instead of
+    ~4x, i.e. verifying a tree is nearly as cheap as one decoding step. Returns the layers switched.
+    """
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return 0
+
+    def forward(self, x):
+        return op(x, self.weight, self.bias, "none", [], "")
+
+    n = 0
+    for m in model.modules():
+        if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32:
+            try:
+                op(torch.zeros(1, m.in_features), m.weight, m.bias, "none", [], "")
+            except RuntimeError:
+                return n
+            m.forward = forward.__get__(m)
+            n += 1
+    return n
 
 
 def new_cache():

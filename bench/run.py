@@ -129,6 +129,24 @@ METHODS = ("target", "hf-assisted", "hf-prompt-lookup", "duo-sequential", "duo-o
 DUO_MODES = {"duo-sequential": "sequential", "duo-overlap": "overlap", "duo": "auto"}
 
 
+def parse_method(m: str) -> tuple[str, dict]:
+    """'duo-sequential@chain,nolookup,b=8,w=2' -> ('duo-sequential', {shape, lookup, budget, width})."""
+    name, _, spec = m.partition("@")
+    opts: dict = {}
+    for o in filter(None, spec.split(",")):
+        if o in ("chain", "dynamic", "eagle"):
+            opts["shape"] = o
+        elif o == "nolookup":
+            opts["lookup"] = False
+        elif o.startswith("b="):
+            opts["budget"] = int(o[2:])
+        elif o.startswith("w="):
+            opts["width"] = int(o[2:])
+        else:
+            raise ValueError(f"unknown method option {o!r} in {m!r}: use chain|dynamic|eagle|nolookup|b=N|w=N")
+    return name, opts
+
+
 def run_bench(datasets: list[str], methods: list[str], *, limit: int | None, max_new: int, model=None, draft=None,
               device="auto", dtype="auto", budget="auto", temperature: float = 0.0, seed: int = 0,
               warmup: int = 1, log=print, engine_kw: dict | None = None) -> list[Row]:
@@ -136,32 +154,41 @@ def run_bench(datasets: list[str], methods: list[str], *, limit: int | None, max
     from bench import datasets as ds
     from duo import models
 
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m.split("@")[0] not in METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {', '.join(bad)}: choose from {', '.join(METHODS)}")
     prompts = {d: ds.load(d, limit) for d in datasets}
+    methods = sorted(methods, key=lambda m: m != "target")   # the reference runs first
     rows: list[Row] = []
     engine_kw = engine_kw or {}
-    # one Engine per duo method (each has its own thread split); the target-only methods reuse the first
+    # one target in memory, shared by every method; each duo method has its own draft worker/thread split
     engines: dict[str, Engine] = {}
     try:
-        for m in methods:
-            if m.startswith("duo"):
-                engines[m] = Engine(model, draft, device=device, dtype=dtype, budget=budget, mode=DUO_MODES[m],
-                                    progress=False, **engine_kw)
-        base = next(iter(engines.values()), None) or Engine(model, draft, device=device, dtype=dtype, mode="target")
-        engines.setdefault("_base", base)
+        base = Engine(model, draft, device=device, dtype=dtype, mode="target", progress=False)
+        engines["target"] = base
         tm = base.target
+        for m in methods:
+            base_name = m.split("@")[0]
+            if base_name.startswith("duo") and base_name not in engines:
+                engines[base_name] = Engine(model, draft, device=device, dtype=dtype, budget=budget,
+                                            mode=DUO_MODES[base_name], progress=False, target_model=tm, **engine_kw)
         assistant = None
         if "hf-assisted" in methods:
             dref = models.resolve_draft(draft)
             aref = models.resolve_target(str(dref.gguf))
             from transformers import AutoModelForCausalLM
             assistant = AutoModelForCausalLM.from_pretrained(str(aref.hf_dir), dtype=tm.dtype).to(tm.device).eval()
+            if tm.device.type == "cpu":
+                from duo.runtime.target import use_onednn_linears
+                use_onednn_linears(assistant)
+        for m, e in engines.items():
+            if m.startswith("duo") and e._draft is not None:
+                rtt = sorted(e._draft.ping() for _ in range(200))
+                log(f"{m}: channel round trip median {rtt[100] * 1e6:.0f} us, p99 {rtt[198] * 1e6:.0f} us; plan {e.plan}")
         sampling = dict(temperature=temperature, seed=seed) if temperature > 0 else {}
         hf_sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else {}
 
-        def method_fn(m):
+        def method_fn(m, max_new=max_new):
             if m == "target":
                 return lambda ids: hf_generate(tm.model, ids, max_new, tm.eos_ids, **hf_sampling)
             if m == "hf-assisted":
@@ -170,15 +197,16 @@ def run_bench(datasets: list[str], methods: list[str], *, limit: int | None, max
             if m == "hf-prompt-lookup":
                 return lambda ids: hf_generate(tm.model, ids, max_new, tm.eos_ids, prompt_lookup_num_tokens=10,
                                                **hf_sampling)
-            return lambda ids: duo_sample(engines[m], ids, max_new, **sampling)
+            name, opts = parse_method(m)
+            return lambda ids: duo_sample(engines[name], ids, max_new, **sampling, **opts)
 
         for d, plist in prompts.items():
             encoded = [base.encode(p.messages) for p in plist]
             ref = None
             for m in methods:
                 fn = method_fn(m)
-                for ids in encoded[:warmup]:      # warm-up, not timed
-                    fn(ids)
+                for ids in encoded[:warmup]:      # warm-up (a short generation), not timed
+                    method_fn(m, 16)(ids)
                 bar = progress(len(encoded), f"{d} {m}")
                 samples = []
                 for ids in encoded:
@@ -197,7 +225,7 @@ def run_bench(datasets: list[str], methods: list[str], *, limit: int | None, max
                 if r.dataset == d and base_row and base_row.tokens_per_s:
                     r.speedup = r.tokens_per_s / base_row.tokens_per_s
     finally:
-        for e in set(engines.values()):
+        for e in engines.values():
             e.close()
     return rows
 

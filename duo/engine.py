@@ -4,29 +4,59 @@
         print(engine.generate("Write a prime test in Python", max_new_tokens=128).text)
         for piece in engine.stream([{"role": "user", "content": "Hi"}]):
             print(piece, end="", flush=True)
+
+Errors meant for the user are `DuoError`s with a one-line message naming the problem and the fix;
+`UsageError` (also a ValueError) marks bad arguments or input, a plain `DuoError` a failure at run time.
+Importing this module is cheap: torch and the runtime are imported when an Engine is built.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
 
-from .sampling import SamplingError, SamplingParams
-from .runtime.decode import MODES, DecodeConfig, Stats, generate_tokens
+if TYPE_CHECKING:
+    from .runtime.decode import DecodeConfig, Stats
 
 log = logging.getLogger("duo")
 
 Messages = Sequence[dict]
+MODES = ("overlap", "sequential", "target")   # == duo.runtime.decode.MODES (checked in Engine.__init__)
 
 
 class DuoError(RuntimeError):
-    """A user-facing error: the message names the problem and the fix."""
+    """A user-facing error: the message names the problem and the fix.
+
+    A plain DuoError is a failure at run time (out of memory, a model that fails to load, a download);
+    the CLI exits with 1. See UsageError for bad arguments.
+    """
+
+    usage: bool = False
+    exit_code: int = 1
+
+
+class UsageError(DuoError, ValueError):
+    """Bad arguments or input (unknown model path, sampling values, empty or too long prompt...):
+    the call must change. The CLI exits with 2."""
+
+    usage = True
+    exit_code = 2
 
 
 @dataclass
 class Result:
+    """One finished generation.
+
+    text: the answer (special tokens and any stop string excluded).
+    token_ids: every token generated, in order (an end-of-sequence token included).
+    stats: counters and timings (new_tokens, tokens_per_s, acceptance_rate, mean_accepted_len, mode,
+        rounds, drafted, accepted, ttft_s, wall_s, fallback, stop_reason: eos | length | stop, ...).
+    """
+
     text: str
     token_ids: list[int]
     stats: dict = field(default_factory=dict)
@@ -45,6 +75,7 @@ class Plan:
     target_cores: list[int] | None = None
     draft_ms_per_token: float = 50.0
     source: str = "defaults"
+    adaptive: bool = True            # adapt the budget to acceptance at run time (off when the user fixes it)
 
 
 def default_plan(mode: str, budget: int | None) -> Plan:
@@ -126,46 +157,106 @@ class TextStream:
 class Engine:
     """A target model on `device` and a draft model in a CPU worker process, ready to generate.
 
-    model / draft: alias, GGUF file or Hugging Face directory (draft: alias or GGUF); None = defaults.
-    mode: auto | overlap | sequential | target (target = no draft, plain decoding).
-    budget: "auto" (profile) or drafted tokens per round. Requests from several threads run one at a time.
+    Use it as a context manager (or call `close()`): closing stops the draft worker process.
+
+        with Engine("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", device="cuda") as engine:
+            result = engine.generate("Write a haiku", max_new_tokens=64)
+            print(result.text, result.stats["tokens_per_s"])
+
+    Args:
+        model: the target: a built-in alias, a GGUF file or a Hugging Face model directory (None: default).
+        draft: the draft: a built-in alias or a GGUF file (None: default). Ignored with mode="target".
+        device: where the target runs: "auto" (a GPU if torch sees one), "cpu", "cuda" or "cuda:N".
+        dtype: target dtype: "auto", "float32", "bfloat16" or "float16".
+        budget: drafted tokens per round, or "auto" (the plan's choice).
+        mode: "auto", "overlap" (draft while the target verifies), "sequential", or "target" (no draft).
+        width, shape, lookup: tree shape options (max branches; chain | dynamic | eagle; n-gram candidates).
+        context: the longest prompt + answer, in tokens (capped by the target's own window).
+        plan: a ready Plan (threads, cores, budget), overriding mode/budget.
+        progress: show download / conversion progress on stderr.
+
+    Raises UsageError for bad arguments (a missing model file, a draft that is not GGUF, a draft and a target
+    with different vocabularies, a CUDA device without a GPU, ...) and DuoError when loading fails (out of
+    memory, a corrupt file, a download). Requests from several threads are served one at a time (a lock).
     """
 
     def __init__(self, model: str | None = None, draft: str | None = None, *, device: str = "auto",
                  dtype: str = "auto", budget: int | str = "auto", mode: str = "auto", width: int | None = None,
                  shape: str = "dynamic", lookup: bool = True, context: int = 8192, plan: Plan | None = None,
-                 progress: bool = True):
-        from . import models
-        from .runtime.target import TargetError, load_target
-
-        if mode not in ("auto",) + MODES:
-            raise DuoError(f"unknown mode {mode!r}: use auto, overlap, sequential or target")
-        if budget != "auto" and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
-            raise DuoError(f"budget must be 'auto' or an integer >= 1, got {budget!r}")
-        self._lock = threading.Lock()
+                 progress: bool = True, target_model=None):
+        self._closed = True
         self._draft = None
+        from . import models
+        from .runtime import decode
+        from .runtime.target import TargetError, load_target, resolve_device, resolve_dtype
+
+        assert decode.MODES == MODES
+        if mode not in ("auto",) + MODES:
+            raise UsageError(f"unknown mode {mode!r}: use auto, overlap, sequential or target")
+        if budget != "auto" and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise UsageError(f"budget must be 'auto' or an integer >= 1, got {budget!r}")
+        if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+            raise UsageError(f"width must be an integer >= 1, got {width!r}")
+        if isinstance(context, bool) or not isinstance(context, int) or context < 16:
+            raise UsageError(f"context must be an integer >= 16 (tokens), got {context!r}")
+        if target_model is None:
+            try:  # fail fast, before anything is downloaded or loaded
+                resolve_dtype(dtype, resolve_device(device))
+            except TargetError as e:
+                raise UsageError(str(e)) from e
+        registry = models.load_registry()
+        _check_model_arg(model, "target", registry)
+        if mode != "target" and (plan is None or plan.mode != "target"):
+            _check_model_arg(draft, "draft", registry)
+        self._lock = threading.Lock()
+        self._owner: int | None = None      # thread id of the generation holding the lock
+        self._draft_failed = False
         self.plan = plan or self._plan(mode, None if budget == "auto" else budget)
+        self.plan.adaptive = self.plan.adaptive and budget == "auto"
         if width is not None:
             self.plan.width = width
         self.plan.shape, self.lookup = shape, lookup
         try:
             tref = models.resolve_target(model, progress=progress)
             dref = models.resolve_draft(draft, progress=progress) if self.plan.mode != "target" else None
-            self.target = load_target(tref.hf_dir, device=device, dtype=dtype, name=tref.name,
-                                      threads=self.plan.target_threads)
+            if target_model is None:
+                try:
+                    with _quiet_loading(progress):
+                        target_model = load_target(tref.hf_dir, device=device, dtype=dtype, name=tref.name,
+                                                   threads=self.plan.target_threads)
+                except (OSError, ValueError, KeyError) as e:   # transformers: a broken or incomplete directory
+                    first = (str(e).strip().splitlines() or [""])[0]
+                    raise DuoError(f"the target model in {tref.hf_dir} failed to load ({type(e).__name__}: "
+                                   f"{first}); check that it is a complete Hugging Face model directory") from e
+            self.target = target_model
+            if plan is None and dref is not None and "auto" in (mode, budget):
+                self._use_profile(tref, dref, device, dtype, mode, budget)
             if dref is not None:
                 models.check_vocab(dref.gguf, self.target.tokenizer, dref.name, tref.name)
+        except models.VocabMismatchError as e:
+            raise UsageError(str(e)) from e
         except (models.ModelError, TargetError) as e:
             raise DuoError(str(e)) from e
         self.context = min(context, self.target.max_context)
         self.draft_ref = dref
         if dref is not None:
             self._start_draft()
+        self._closed = False
 
     # -- set-up -------------------------------------------------------------------------------
     @staticmethod
     def _plan(mode: str, budget: int | None) -> Plan:
         return default_plan(mode, budget)
+
+    def _use_profile(self, tref, dref, device, dtype, mode, budget) -> None:
+        """Take mode/budget/threads from this machine's saved profile (`duo profile`), if there is one."""
+        from .profiler.profile import plan_for
+        chosen = plan_for(tref, dref, device, dtype, mode, None if budget == "auto" else budget,
+                          quick_if_missing=False, target_model=self.target)
+        if chosen is not None:
+            chosen.width = self.plan.width if self.plan.source == "user" else chosen.width
+            chosen.shape, chosen.adaptive = self.plan.shape, self.plan.adaptive
+            self.plan = chosen
 
     def _start_draft(self) -> None:
         from .runtime.draft_worker import DraftClient, DraftConfig, DraftError
@@ -175,84 +266,101 @@ class Engine:
         try:
             self._draft = DraftClient(cfg)
         except DraftError as e:
-            raise DuoError(f"draft model {self.draft_ref.name} failed to load: {e}") from e
+            raise DuoError(f"draft model {self.draft_ref.name} failed to load in llama.cpp: {e}") from e
 
     def _ensure_draft(self) -> None:
-        """Restart the worker if it died or failed in an earlier generation."""
-        if self._draft is not None and not self._draft.alive():
+        """Restart the worker if it died, hung or failed in an earlier generation."""
+        if self._draft is not None and (self._draft_failed or not self._draft.alive()):
+            self._draft_failed = False
             try:
                 self._draft.restart()
             except Exception as e:  # noqa: BLE001 - generation falls back to target-only
                 log.warning("draft worker could not be restarted: %s", e)
 
     # -- generation ---------------------------------------------------------------------------
-    def encode(self, prompt: str | Messages, system: str | None = None, chat: bool | None = None) -> list[int]:
+    def encode(self, prompt: str | Messages | Sequence[int], system: str | None = None,
+               chat: bool | None = None) -> list[int]:
+        """The prompt's token ids, as the target will see them.
+
+        prompt: text (wrapped in the chat template, when the target has one, unless chat=False),
+            a list of chat messages ({"role": ..., "content": ...}), or token ids (used as they are).
+        system: a system message put first (text or messages without one).
+        """
         tok = self.target.tokenizer
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
             if min(prompt) < 0 or max(prompt) >= self.target.vocab_size:
-                raise DuoError("token ids out of the vocabulary's range")
+                raise UsageError(f"token ids must be in [0, {self.target.vocab_size}): the target's vocabulary")
             return list(prompt)
         if isinstance(prompt, str):
             if not prompt.strip():
-                raise DuoError("the prompt is empty: give some text")
+                raise UsageError("the prompt is empty: give some text")
             use_chat = chat if chat is not None else bool(getattr(tok, "chat_template", None))
             if not use_chat:
                 return encode_plain(tok, prompt)
             prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        elif system and not any(m.get("role") == "system" for m in prompt):
+        elif not isinstance(prompt, (list, tuple)):
+            raise UsageError(f"the prompt must be text, a list of messages or token ids, not {type(prompt).__name__}")
+        if not prompt or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                 and isinstance(m.get("content"), str) for m in prompt):
+            raise UsageError("messages must be a non-empty list of {'role': str, 'content': str} dicts")
+        if system and not any(m.get("role") == "system" for m in prompt):
             prompt = [{"role": "system", "content": system}] + list(prompt)
-        if not prompt or not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
-            raise DuoError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        if not getattr(tok, "chat_template", None):
+            raise UsageError(f"target {self.target.name} has no chat template: pass plain text instead of messages")
         return encode_chat(tok, prompt)
 
     def _decode_config(self, max_new_tokens, temperature, top_p, top_k, seed, n_prompt, overrides) -> DecodeConfig:
-        sp = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        try:
-            sp.validate()
-        except SamplingError as e:
-            raise DuoError(str(e)) from e
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise DuoError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        from .runtime.decode import DecodeConfig
+        sp = _sampling(temperature, top_p, top_k, seed)
         if n_prompt >= self.context:
-            raise DuoError(f"the prompt is {n_prompt} tokens but the context window is {self.context}: "
-                           f"shorten the prompt")
+            raise UsageError(f"the prompt is {n_prompt} tokens but the context window is {self.context}: "
+                             f"shorten the prompt")
         max_new = min(max_new_tokens, self.context - n_prompt)
-        timeout = max(2.0, 20 * self.plan.budget * self.plan.draft_ms_per_token / 1000)
-        cfg = DecodeConfig(max_new_tokens=max_new, sampling=sp, mode=self.plan.mode, budget=self.plan.budget,
+        b = self.plan.budget
+        adaptive = self.plan.adaptive and overrides.get("budget") is None
+        # a worker slower than 20x its profiled speed for the largest tree hangs
+        timeout = max(2.0, 20 * 2 * b * self.plan.draft_ms_per_token / 1000)
+        cfg = DecodeConfig(max_new_tokens=max_new, sampling=sp, mode=self.plan.mode, budget=b,
                            width=self.plan.width, shape=self.plan.shape, lookup=self.lookup,
-                           draft_timeout_s=timeout)
+                           draft_timeout_s=timeout, budget_range=(max(2, b // 4), 2 * b) if adaptive else None)
         for k, v in overrides.items():
             if v is not None:
                 setattr(cfg, k, v)
         if cfg.mode not in MODES:
-            raise DuoError(f"unknown mode {cfg.mode!r}: use overlap, sequential or target")
+            raise UsageError(f"unknown mode {cfg.mode!r}: use overlap, sequential or target")
         return cfg
 
-    def stream_tokens(self, prompt: str | Messages, *, max_new_tokens: int = 256, temperature: float = 0.0,
-                      top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: Sequence[str] = (),
-                      system: str | None = None, chat: bool | None = None, stats: Stats | None = None,
-                      mode: str | None = None, budget: int | None = None, width: int | None = None,
-                      shape: str | None = None, lookup: bool | None = None,
+    def stream_tokens(self, prompt: str | Messages | Sequence[int], *, max_new_tokens: int = 256,
+                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                      stop: str | Sequence[str] = (), system: str | None = None, chat: bool | None = None,
+                      stats: Stats | None = None, mode: str | None = None, budget: int | None = None,
+                      width: int | None = None, shape: str | None = None, lookup: bool | None = None,
                       ) -> Iterator[tuple[list[int], str]]:
         """Yield (committed token ids, new text) per round. The lower-level form of `stream`.
 
-        The prompt is text, chat messages, or token ids. mode/budget/width/shape/lookup override the plan
-        for this call (benchmarks and the profiler sweep them).
+        Takes the arguments of `generate`, plus `stats` (a runtime.decode.Stats filled in as it goes) and
+        mode/budget/width/shape/lookup, which override the plan for this call (benchmarks and the profiler
+        sweep them). The text may be "" for a round whose characters are not complete yet.
         """
+        from .runtime.decode import Stats, generate_tokens
+
         stop = [stop] if isinstance(stop, str) else list(stop or ())
         if any(not isinstance(s, str) or s == "" for s in stop):
-            raise DuoError("stop strings must be non-empty text")
-        ids = self.encode(prompt, system=system, chat=chat)
-        cfg = self._decode_config(max_new_tokens, temperature, top_p, top_k, seed, len(ids),
-                                  dict(mode=mode, budget=budget, width=width, shape=shape, lookup=lookup))
+            raise UsageError("stop strings must be non-empty text")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise UsageError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        _sampling(temperature, top_p, top_k, seed)
         stats = stats if stats is not None else Stats()
-        with self._lock:
+        with self._exclusive():
+            ids = self.encode(prompt, system=system, chat=chat)
+            cfg = self._decode_config(max_new_tokens, temperature, top_p, top_k, seed, len(ids),
+                                      dict(mode=mode, budget=budget, width=width, shape=shape, lookup=lookup))
             if cfg.max_new_tokens == 0:
                 return
             self._ensure_draft()
             draft = self._draft if cfg.mode != "target" else None
             text = TextStream(self.target.tokenizer, stop)
-            with _affinity(self.plan.target_cores):
+            with _affinity(self.plan.target_cores), _torch_threads(self.plan.target_threads):
                 gen = generate_tokens(self.target, draft, ids, cfg, stats)
                 try:
                     for new in gen:
@@ -265,29 +373,85 @@ class Engine:
                         tail = text.finish()
                         if tail:
                             yield [], tail
+                except (MemoryError, RuntimeError) as e:
+                    if not _is_oom(e):
+                        raise
+                    raise DuoError(f"out of memory while generating on {self.target.device}: use a shorter prompt, "
+                                   f"fewer new tokens or a smaller --budget") from e
                 finally:
                     gen.close()
+                    self._draft_failed = stats.fallback is not None and draft is not None
 
-    def stream(self, prompt: str | Messages, **kw) -> Iterator[str]:
-        """Yield text pieces as they are verified (valid UTF-8, stop strings never shown)."""
-        for _, piece in self.stream_tokens(prompt, **kw):
+    def stream(self, prompt: str | Messages | Sequence[int], *, max_new_tokens: int = 256,
+               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+               stop: str | Sequence[str] = (), system: str | None = None, chat: bool | None = None,
+               **overrides) -> Iterator[str]:
+        """Yield the answer as it is verified, in text pieces.
+
+        Each piece is complete text: a multi-byte character is never split between pieces, and nothing
+        that could be the start of a stop string is shown before it is known not to be one. The pieces
+        joined are `generate(...).text` for the same arguments. Arguments: see `generate`.
+        """
+        for _, piece in self.stream_tokens(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                           top_p=top_p, top_k=top_k, seed=seed, stop=stop, system=system,
+                                           chat=chat, **overrides):
             if piece:
                 yield piece
 
-    def generate(self, prompt: str | Messages, **kw) -> Result:
-        """Generate a whole answer: Result(text, token_ids, stats)."""
+    def generate(self, prompt: str | Messages | Sequence[int], *, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 stop: str | Sequence[str] = (), system: str | None = None, chat: bool | None = None,
+                 **overrides) -> Result:
+        """Generate a whole answer: Result(text, token_ids, stats).
+
+        prompt: text (in the target's chat template, if it has one, unless chat=False), a list of chat
+            messages [{"role": "user", "content": ...}, ...], or token ids.
+        max_new_tokens: at most this many new tokens (also bounded by the context window).
+        temperature: 0 = greedy (the target's own greedy output, token for token); > 0 samples.
+        top_p: nucleus mass in (0, 1]; top_k: sample among the k most likely tokens (0 = all).
+        seed: with a seed, sampling is reproducible (and equal to the target's sampling alone).
+        stop: text (or texts) that ends the answer; it is not included.
+        system: a system message. chat: force (True) or skip (False) the chat template for text.
+
+        Raises UsageError for invalid values or a prompt that does not fit the context window.
+        """
+        from .runtime.decode import Stats
+
         stats = Stats()
         ids, pieces = [], []
-        for new, piece in self.stream_tokens(prompt, stats=stats, **kw):
+        for new, piece in self.stream_tokens(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                             top_p=top_p, top_k=top_k, seed=seed, stop=stop, system=system,
+                                             chat=chat, stats=stats, **overrides):
             ids += new
             pieces.append(piece)
         return Result(text="".join(pieces), token_ids=ids, stats=stats.as_dict())
 
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """Hold the engine for one generation: other threads wait their turn; the same thread must not
+        start a second generation while its first is still being iterated (that would deadlock)."""
+        if self._closed:
+            raise UsageError("this Engine is closed: create a new one")
+        me = threading.get_ident()
+        if self._owner == me:
+            raise UsageError("a generation is already running in this thread: finish (or close) the "
+                             "previous stream before starting another")
+        with self._lock:
+            if self._closed:
+                raise UsageError("this Engine is closed: create a new one")
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
+
     # -- life cycle ---------------------------------------------------------------------------
     def close(self) -> None:
-        if self._draft is not None:
-            self._draft.close()
-            self._draft = None
+        """Stop the draft worker process and free its shared memory. Idempotent."""
+        self._closed = True
+        draft, self._draft = self._draft, None
+        if draft is not None:
+            draft.close()
 
     def __enter__(self) -> "Engine":
         return self
@@ -300,6 +464,91 @@ class Engine:
             self.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+def _sampling(temperature, top_p, top_k, seed):
+    """Validated SamplingParams, or a UsageError naming the bad value."""
+    from .sampling import SamplingError, SamplingParams
+    try:
+        return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed).validate()
+    except SamplingError as e:
+        raise UsageError(str(e)) from e
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError))
+
+
+def _check_model_arg(spec: str | None, role: str, registry) -> None:
+    """Fail fast with a UsageError on a model argument that cannot work, before anything is loaded.
+
+    None and built-in aliases pass (they are fetched later); a path must exist, be readable, and be
+    a GGUF file (or, for a target, a Hugging Face directory with a config.json).
+    """
+    if spec is None or spec in registry.models:
+        return
+    if not isinstance(spec, (str, os.PathLike)):
+        raise UsageError(f"{role} must be a model alias or a path, not {type(spec).__name__}")
+    known = ", ".join(sorted(a for a, e in registry.models.items() if e.role in (role, ""))) or "none"
+    path = Path(spec).expanduser()
+    if not path.exists():
+        s = str(spec)
+        if os.sep in s or "/" in s or s.startswith((".", "~")) or s.lower().endswith(".gguf"):
+            raise UsageError(f"{role} model not found: {path} does not exist; check the path "
+                             f"(or use a built-in alias: {known})")
+        raise UsageError(f"unknown {role} model '{s}': not a built-in alias ({known}) and no such file or "
+                         f"directory; see 'duo models list'")
+    if path.is_dir():
+        if role == "draft":
+            raise UsageError(f"draft model {path} is a directory; the draft runs in llama.cpp and must be a "
+                             f".gguf file (convert it with llama.cpp's convert_hf_to_gguf.py)")
+        if not (path / "config.json").is_file():
+            raise UsageError(f"target model directory {path} has no config.json; pass a Hugging Face model "
+                             f"directory, a .gguf file or a built-in alias")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise DuoError(f"cannot read target model directory {path}: permission denied; check its permissions")
+        return
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise DuoError(f"cannot read {role} model {path}: {e.strerror}; check the file and its permissions") from e
+    if magic != b"GGUF":
+        what = ("the draft runs in llama.cpp and must be a .gguf file (convert it with llama.cpp's "
+                "convert_hf_to_gguf.py)") if role == "draft" else \
+            "pass a .gguf file, a Hugging Face model directory or a built-in alias"
+        raise UsageError(f"{role} model {path} is not a GGUF file (it does not start with 'GGUF'); {what}")
+
+
+@contextlib.contextmanager
+def _quiet_loading(progress: bool):
+    """Without progress: no transformers progress bars ("Loading weights") while the target loads."""
+    from transformers.utils import logging as hf_logging
+    was = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not progress:
+            hf_logging.enable_progress_bar()
+
+
+class _torch_threads:
+    """Use n torch threads for the duration."""
+
+    def __init__(self, n):
+        self.n, self.saved = n, None
+
+    def __enter__(self):
+        import torch
+        self.saved = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        import torch
+        torch.set_num_threads(self.saved)
 
 
 class _affinity:

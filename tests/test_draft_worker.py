@@ -27,13 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def draft_gguf():
-    try:
-        from duo.testing.tiny_pair import build_tiny_pair
-    except ImportError as e:
-        pytest.skip(f"tiny pair builder unavailable: {e}")
-    pair = build_tiny_pair(Path(tempfile.gettempdir()) / "duo_tiny_pair_tests")
-    return str(pair.draft_gguf)
+def draft_gguf(tiny_pair):
+    return str(tiny_pair.draft_gguf)
 
 
 @pytest.fixture(scope="module")

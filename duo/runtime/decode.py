@@ -37,6 +37,7 @@ class DecodeConfig:
     shape: str = "dynamic"          # chain | dynamic | eagle
     lookup: bool = True             # add prompt-lookup (n-gram) candidates to the tree
     draft_timeout_s: float = 10.0   # a round's draft taking longer means the worker hangs
+    budget_range: tuple[int, int] | None = None   # adapt the budget within this range as acceptance changes
 
 
 @dataclass
@@ -54,12 +55,24 @@ class Stats:
     target_idle_s: float = 0.0       # target waiting for the draft
     draft_idle_s: float = 0.0        # draft worker waiting for the target
     accepted_from_lookup: int = 0
+    budget_sum: int = 0              # drafted-node budgets asked for, summed over rounds
     fallback: str | None = None
     stop_reason: str = ""
+
+    def record_round(self, tree: Tree, path: list[int], budget: int) -> None:
+        self.rounds += 1
+        self.drafted += len(tree)
+        self.budget_sum += budget
+        self.accepted += len(path)
+        self.accepted_from_lookup += int(sum(tree.source[k] == 1 for k in path))
+        self.accepted_per_position += [0] * (len(path) - len(self.accepted_per_position))
+        for d in range(len(path)):
+            self.accepted_per_position[d] += 1
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
         d["acceptance_rate"] = self.accepted / self.drafted if self.drafted else 0.0
+        d["mean_budget"] = d.pop("budget_sum") / self.rounds if self.rounds else 0.0
         d["mean_accepted_len"] = self.new_tokens / self.rounds if self.rounds else 0.0
         d["tokens_per_s"] = self.new_tokens / self.wall_s if self.wall_s else 0.0
         d["accepted_per_position"] = [a / self.rounds for a in self.accepted_per_position] if self.rounds else []
@@ -76,6 +89,14 @@ def prune_depth(tree: Tree, max_depth: int) -> Tree:
     new_index = np.cumsum(keep) - 1
     parents = np.where(tree.parents[keep] < 0, -1, new_index[np.maximum(tree.parents[keep], 0)])
     return Tree(tree.tokens[keep], parents, tree.probs[keep], tree.source[keep])
+
+
+def adapt_budget(accepted_ema: float, lo: int, hi: int) -> int:
+    """Next round's budget: about twice the recent accepted depth plus slack, within [lo, hi].
+
+    Easy text (long accepted paths) earns a bigger tree; hard text stops paying for nodes it rejects.
+    """
+    return int(min(hi, max(lo, round(2 * accepted_ema + 4))))
 
 
 def generate_tokens(tm: TargetModel, draft, prompt: list[int], cfg: DecodeConfig, stats: Stats,
@@ -98,6 +119,7 @@ def generate_tokens(tm: TargetModel, draft, prompt: list[int], cfg: DecodeConfig
     stats.prefill_s = time.perf_counter() - t0
     root, delta, n_new = int(prompt[-1]), [], 0
     history = list(prompt)
+    budget, accepted_ema = cfg.budget, cfg.budget / 2
     while n_new < cfg.max_new_tokens:
         remaining = cfg.max_new_tokens - n_new
         # 1. draft: a tree rooted at the last committed token (empty when not speculating)
@@ -105,14 +127,14 @@ def generate_tokens(tm: TargetModel, draft, prompt: list[int], cfg: DecodeConfig
         if use_draft and remaining > 1:
             t = time.perf_counter()
             try:
-                tree = draft.request_tree(delta, cfg.budget, cfg.width, cfg.draft_timeout_s, cfg.shape)
+                tree = draft.request_tree(delta, budget, cfg.width, cfg.draft_timeout_s, cfg.shape)
                 tree.validate(tm.vocab_size)
             except Exception as e:  # noqa: BLE001 - died, hung, raised or sent garbage: finish alone
                 use_draft, tree = False, Tree.empty()
                 stats.fallback = f"{type(e).__name__}: {e}"
             stats.target_idle_s += time.perf_counter() - t
         if cfg.lookup and stats.mode != "target" and remaining > 1:
-            tree = merge_trees(tree, lookup_tree(history, max_nodes=max(4, cfg.budget // 2)), cfg.budget)
+            tree = merge_trees(tree, lookup_tree(history, max_nodes=max(4, budget // 2)), budget)
         if not tm.supports_tree and len(tree):
             tree = tree.top_chain()
         tree = prune_depth(tree, remaining - 1)
@@ -128,14 +150,10 @@ def generate_tokens(tm: TargetModel, draft, prompt: list[int], cfg: DecodeConfig
         compact_cache(cache, n_past + 1, path)
         stats.verify_s += time.perf_counter() - t
         new = [int(tree.tokens[k]) for k in path] + [bonus]
-        stats.rounds += 1
-        stats.drafted += len(tree)
-        stats.accepted += len(path)
-        stats.accepted_from_lookup += int(sum(tree.source[k] == 1 for k in path))
-        while len(stats.accepted_per_position) < len(path):
-            stats.accepted_per_position.append(0)
-        for d in range(len(path)):
-            stats.accepted_per_position[d] += 1
+        stats.record_round(tree, path, budget if use_draft else 0)
+        if cfg.budget_range:
+            accepted_ema = 0.7 * accepted_ema + 0.3 * len(path)
+            budget = adapt_budget(accepted_ema, *cfg.budget_range)
         eos_at = next((i for i, tok in enumerate(new) if tok in tm.eos_ids), None)
         if eos_at is not None:
             new = new[:eos_at + 1]

@@ -1,0 +1,382 @@
+"""Profile files: measurements of one machine + model pair + device + dtype, and the plan they imply.
+
+Saved as JSON under `duo.models.cache_dir() / "profiles" / "<fingerprint>.json"` (format:
+configs/profile-format.md). The fingerprint hashes the *key*: the hardware (CPU model, cores, RAM
+rounded to GiB, GPU names), the model pair (names, and size + a hash of the head and tail of the GGUF
+file, or of a transformers directory's config.json) and the device and dtype. A change of any of these
+means another profile; `closest_profile` says what changed since the nearest saved one. Softer facts
+(library versions, GPU driver, CPU frequency) are stored too: a change there is warned about, the
+profile is still used.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import cost
+from .inventory import Inventory
+
+log = logging.getLogger("duo")
+
+FORMAT = "duo-profile"
+FORMAT_VERSION = 1
+HEAD_TAIL = 1 << 20
+
+
+class ProfileError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------- identity
+def profiles_dir() -> Path:
+    from .. import models
+    return models.cache_dir() / "profiles"
+
+
+def model_identity(name: str, path: str | Path | None) -> dict:
+    """name + size + a fast content hash (size, first and last MiB) of a file; for a transformers
+    directory, the hash of config.json and the total size of its weights."""
+    ident: dict = {"name": name}
+    if path is None:
+        return ident
+    p = Path(path)
+    h = hashlib.sha256()
+    if p.is_dir():
+        cfg = p / "config.json"
+        if cfg.is_file():
+            h.update(cfg.read_bytes())
+        ident["size"] = sum(f.stat().st_size for f in p.iterdir()
+                            if f.is_file() and f.suffix in (".safetensors", ".bin", ".gguf", ".pt"))
+    elif p.is_file():
+        size = p.stat().st_size
+        h.update(str(size).encode())
+        with open(p, "rb") as f:
+            h.update(f.read(HEAD_TAIL))
+            if size > HEAD_TAIL:
+                f.seek(max(HEAD_TAIL, size - HEAD_TAIL))
+                h.update(f.read(HEAD_TAIL))
+        ident["size"] = size
+    else:
+        return ident
+    ident["sha256_head_tail"] = h.hexdigest()[:16]
+    return ident
+
+
+def profile_key(inv: Inventory, target: dict, draft: dict | None) -> dict:
+    """What a profile is valid for. target / draft: model_identity dicts."""
+    return {
+        "cpu_model": inv.cpu_model,
+        "arch": inv.arch,
+        "cores": len(inv.usable_cores),
+        "logical_cores": inv.logical_cores,
+        "ram_gib": int(round(inv.ram_total_gib)),
+        "gpus": [g.name for g in inv.gpus],
+        "device": inv.device,
+        "dtype": inv.dtype,
+        "target": target,
+        "draft": draft,
+        "format_version": FORMAT_VERSION,
+    }
+
+
+def environment(inv: Inventory) -> dict:
+    """Facts that may change timings without invalidating the profile."""
+    from .. import __version__
+    return {"duo": __version__, "torch": inv.torch, "torch_cuda": inv.torch_cuda, "transformers": inv.transformers,
+            "llama_cpp": inv.llama_cpp, "gpu_drivers": sorted({g.driver for g in inv.gpus if g.driver}),
+            "freq_max_mhz": inv.freq_max_mhz}
+
+
+def fingerprint(key: dict) -> str:
+    blob = json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def diff(old, new, prefix: str = "") -> list[str]:
+    """Human-readable differences: 'cpu_model: 'A' -> 'B''."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += diff(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
+def key_for(target_ref, draft_ref, inv: Inventory) -> dict:
+    """The key of a TargetRef / DraftRef pair (duo.models) on this inventory."""
+    t = model_identity(target_ref.name, target_ref.gguf or target_ref.hf_dir)
+    d = model_identity(draft_ref.name, draft_ref.gguf) if draft_ref is not None else None
+    return profile_key(inv, t, d)
+
+
+# ------------------------------------------------------------------------------------------- files
+def profile_path(fp: str, directory: str | Path | None = None) -> Path:
+    return Path(directory or profiles_dir()) / f"{fp}.json"
+
+
+def save_profile(profile: dict, directory: str | Path | None = None) -> Path:
+    """Write atomically to <directory>/<fingerprint>.json; returns the path."""
+    path = profile_path(profile["fingerprint"], directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(profile, indent=1, default=_json_default) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(o):
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_profile(path: str | Path) -> dict | None:
+    """A profile file's contents, or None (with a warning) when unreadable or of another format."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("ignoring unreadable profile %s: %s", path, e)
+        return None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        log.warning("ignoring %s: not a duo profile", path)
+        return None
+    if data.get("version") != FORMAT_VERSION:
+        log.warning("ignoring profile %s: format version %s, this duo reads %s (run `duo profile` again)",
+                    path, data.get("version"), FORMAT_VERSION)
+        return None
+    return data
+
+
+def load_profile(fp: str, directory: str | Path | None = None) -> dict | None:
+    """The saved profile with this fingerprint, or None."""
+    return read_profile(profile_path(fp, directory))
+
+
+def list_profiles(directory: str | Path | None = None) -> list[dict]:
+    d = Path(directory or profiles_dir())
+    if not d.is_dir():
+        return []
+    out = []
+    for p in sorted(d.glob("*.json")):
+        prof = read_profile(p)
+        if prof is not None:
+            out.append(prof)
+    return out
+
+
+def closest_profile(key: dict, directory: str | Path | None = None) -> tuple[dict | None, list[str]]:
+    """The saved profile whose key differs least from `key` (newest on ties), and the differences."""
+    best, best_diff = None, []
+    for prof in list_profiles(directory):
+        changes = diff(prof.get("key", {}), key)
+        if best is None or (len(changes), -_created(prof)) < (len(best_diff), -_created(best)):
+            best, best_diff = prof, changes
+    return best, best_diff
+
+
+def _created(prof: dict) -> float:
+    try:
+        return datetime.datetime.fromisoformat(prof.get("created", "")).timestamp()
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def check_profile(profile: dict, key: dict, env: dict | None = None) -> list[str]:
+    """What differs between a profile and the current key (and environment); [] if nothing."""
+    changes = diff(profile.get("key", {}), key)
+    if env is not None:
+        changes += diff(profile.get("environment", {}), env, "environment")
+    return changes
+
+
+def warn_changes(changes: list[str], what: str) -> None:
+    if changes:
+        log.warning("%s:\n  %s", what, "\n  ".join(changes))
+
+
+# ------------------------------------------------------------------------------------------- plans
+def measurements_from_profile(profile: dict) -> cost.Measurements:
+    """The cost model's view of a profile's raw measurements.
+
+    verify(n) per thread count is the curve at the first context length, scaled by the mean ratio of all
+    measured context lengths to it (so a prediction stands for the middle of the measured contexts)."""
+    m = profile["measurements"] if "measurements" in profile else profile
+    draft: dict = {}
+    for r in m["draft"]:
+        draft.setdefault(int(r["threads"]), {})[int(r["width"])] = float(r["ms"])
+    by: dict = {}
+    for r in m["verify"]:
+        by.setdefault(int(r["threads"]), {}).setdefault(int(r["context"]), {})[int(r["n"])] = float(r["ms"])
+    contexts = sorted({int(r["context"]) for r in m["verify"]})
+    ref = contexts[0]
+    factors: dict = {}
+    for t, per_ctx in by.items():
+        ratios = [sum(per_ctx[c][k] / per_ctx[ref][k] for k in per_ctx[c] if k in per_ctx.get(ref, {})) /
+                  max(1, len([k for k in per_ctx[c] if k in per_ctx.get(ref, {})]))
+                  for c in per_ctx if c != ref and ref in per_ctx]
+        ratios = [x for x in ratios if x > 0]
+        if ratios:
+            factors[t] = (1 + sum(ratios)) / (1 + len(ratios))
+    default_factor = factors[max(factors)] if factors else 1.0
+    verify = {t: {k: v * factors.get(t, default_factor) for k, v in per_ctx[ref].items()}
+              for t, per_ctx in by.items() if ref in per_ctx}
+    a = m["acceptance"]
+    acc = cost.Acceptance(a["hazard"], a.get("rank", []), a.get("tail"))
+    inter = {int(r["draft_threads"]): (r["draft_factor"], r["target_factor"]) for r in m.get("interference", [])}
+    return cost.Measurements(
+        n_cores=int(m["n_cores"]), draft_ms=draft, verify_ms=verify, acceptance=acc, gpu=bool(m.get("gpu")),
+        channel_ms=float(m.get("channel", {}).get("ms", 0.0)), overhead_ms=float(m.get("overhead_ms", 0.0)),
+        tree_factor=float(m.get("tree_mask", {}).get("factor", 1.0)), interference=inter,
+        supports_tree=bool(m.get("supports_tree", True)))
+
+
+def choose(profile: dict, mode: str = "auto", budget: int | None = None) -> cost.Choice:
+    """The best configuration allowed by a user's mode and budget."""
+    m = measurements_from_profile(profile)
+    modes = cost.MODES if mode == "auto" else (mode,)
+    if budget is not None and mode == "auto":
+        modes = ("sequential", "overlap")  # a budget asks for drafting
+    if budget is not None and mode != "target":
+        top = max(max(v) for v in m.verify_ms.values()) - 1
+        try:
+            return cost.choose_budget(m, modes=modes, budgets=[min(budget, top)])
+        except ValueError:  # beyond what was measured for these modes: their best settings otherwise
+            pass
+    return cost.choose_budget(m, modes=modes)
+
+
+def plan_from_profile(profile: dict, mode: str = "auto", budget: int | None = None):
+    """duo.engine.Plan from a profile: the predicted-fastest schedule (within `mode` / `budget`)."""
+    from ..engine import Plan
+
+    if mode not in ("auto",) + cost.MODES:
+        raise ValueError(f"unknown mode {mode!r}")
+    m = measurements_from_profile(profile)
+    c = choose(profile, mode, budget)
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) != m.n_cores:
+        cores = list(profile["measurements"].get("cores") or cores)
+    plan = Plan(mode=c.mode, budget=budget or (c.budget if c.mode != "target" else 16), width=c.width,
+                shape="dynamic" if c.width > 1 else "chain", source=f"profile {profile['fingerprint']}")
+    if c.mode == "target":  # draft settings for a later per-call override: the best sequential ones
+        seq = cost.choose_budget(m, modes=("sequential",))
+        plan.target_threads = c.target_threads
+        plan.draft_threads = seq.draft_threads
+        plan.draft_ms_per_token = round(m.step(seq.draft_threads, 1), 3)
+        return plan
+    plan.draft_threads, plan.target_threads = c.draft_threads, c.target_threads
+    step = m.step(c.draft_threads, 1)
+    if c.mode == "overlap" and 0 < c.draft_threads < len(cores):
+        plan.draft_cores, plan.target_cores = cores[-c.draft_threads:], cores[:-c.draft_threads]
+        step *= m.interference.get(c.draft_threads, (1.0, 1.0))[0]
+    plan.draft_ms_per_token = round(step, 3)
+    return plan
+
+
+# ------------------------------------------------------------------------------------------- profiling
+def create_profile(target=None, draft=None, device: str = "auto", dtype: str = "auto", quick: bool = True,
+                   prompts: str | Path | None = None, progress: bool = True, target_model=None,
+                   save: bool = True, settings=None) -> tuple[dict, Path | None]:
+    """Measure this machine with a model pair; returns (profile, path it was saved to).
+
+    target / draft: duo.models refs, or a spec string / None for resolve_target / resolve_draft."""
+    from .. import models
+    from ..runtime.target import load_target
+    from . import bench, inventory
+
+    t0 = time.perf_counter()
+    tref = target if hasattr(target, "hf_dir") else models.resolve_target(target, progress=progress)
+    dref = draft if hasattr(draft, "gguf") and not hasattr(draft, "hf_dir") else models.resolve_draft(draft, progress=progress)
+    inv = inventory.collect(device, dtype)
+    key = key_for(tref, dref, inv)
+    s = settings or bench.Settings.for_mode(quick)
+    prompt_list = bench.load_prompts(prompts)
+    n = len(inv.usable_cores)
+    if progress:
+        print(f"duo: profiling {'(quick) ' if s.quick else ''}{tref.name} + {dref.name} on {inv.device} "
+              f"({n} cores)...", file=sys.stderr, flush=True)
+    tm = target_model or load_target(tref.hf_dir, device=device, dtype=dtype, name=tref.name, threads=n)
+    models.check_vocab(dref.gguf, tm.tokenizer, dref.name, tref.name)
+    meas = bench.run_benchmarks(tm, dref.gguf, prompt_list, s, progress=progress)
+    profile = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "fingerprint": fingerprint(key),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "quick": s.quick,
+        "prompts": str(prompts) if prompts else "configs/calibration_prompts.jsonl",
+        "key": key,
+        "environment": environment(inv),
+        "inventory": inv.to_dict(),
+        "measurements": meas,
+    }
+    finish(profile)
+    profile["wall_s"] = round(time.perf_counter() - t0, 1)
+    path = save_profile(profile) if save else None
+    return profile, path
+
+
+def finish(profile: dict) -> None:
+    """Add the choice, the per-(mode, budget) table and the predicted-vs-measured check."""
+    m = measurements_from_profile(profile)
+    c = cost.choose_budget(m)
+    profile["choice"] = c.to_dict()
+    profile["table"] = [dict(mode=r.mode, budget=r.budget, width=r.width, draft_threads=r.draft_threads,
+                             target_threads=r.target_threads, expected_tokens=round(r.expected_tokens, 4),
+                             round_ms=round(r.round_ms, 3), hit=round(r.hit, 4), tps=round(r.tps, 4))
+                        for (_, _), r in sorted(cost.summary(c).items(), key=lambda kv: (kv[0][0], kv[0][1]))]
+    acc = profile["measurements"].get("acceptance", {})
+    checks = []
+    for shape, r in acc.get("runs", {}).items():
+        dt = min(m.draft_ms, key=lambda t: abs(t - acc.get("draft_threads", m.n_cores)))
+        tt = min(m.verify_ms, key=lambda t: abs(t - acc.get("target_threads", m.n_cores)))
+        row = cost.evaluate(m, "sequential", r["budget"], r["width"], dt, tt)
+        checks.append(dict(shape=shape, budget=r["budget"], width=r["width"],
+                           measured_tokens_per_round=round(r["tokens_per_round"], 3),
+                           predicted_tokens_per_round=round(row.expected_tokens, 3),
+                           measured_tps=round(r["tokens_per_s"], 3), predicted_tps=round(row.tps, 3)))
+    profile["validation"] = checks
+
+
+def plan_for(target_ref, draft_ref, device: str = "auto", dtype: str = "auto", mode: str = "auto",
+             budget: int | None = None, quick_if_missing: bool = True, *, target_model=None,
+             progress: bool = True):
+    """The Plan for this machine and pair from its saved profile; profile quickly first if there is none
+    (quick_if_missing), else None. Never raises for a profiling problem: warns and returns None."""
+    from .. import models
+    from . import inventory
+
+    try:
+        tref = target_ref if hasattr(target_ref, "hf_dir") else models.resolve_target(target_ref, progress=progress)
+        dref = draft_ref if hasattr(draft_ref, "gguf") else models.resolve_draft(draft_ref, progress=progress)
+        inv = inventory.collect(device, dtype)
+        key = key_for(tref, dref, inv)
+        prof = load_profile(fingerprint(key))
+        if prof is not None:
+            warn_changes(check_profile(prof, key, environment(inv)),
+                         "the saved profile was measured with different software; its plan may be off "
+                         "(run `duo profile` to re-measure)")
+            return plan_from_profile(prof, mode, budget)
+        old, changes = closest_profile(key)
+        if old is not None:
+            warn_changes(changes, "no profile for this machine and model pair; the closest saved one differs in")
+        if not quick_if_missing:
+            return None
+        log.warning("no profile yet: measuring this machine (quick, 1-2 minutes; `duo profile` runs the full one)")
+        prof, _ = create_profile(tref, dref, device, dtype, quick=True, target_model=target_model, progress=progress)
+        return plan_from_profile(prof, mode, budget)
+    except Exception as e:  # noqa: BLE001 - the engine falls back to its defaults
+        log.warning("no profile-based plan (%s: %s); using defaults", type(e).__name__, e)
+        return None

@@ -95,15 +95,11 @@ def _columns() -> int:
 
 
 def add_common_flags(p) -> None:
-    """-v / -q / --debug, on every command (those a command defines itself are left as they are)."""
-    have = {s for a in p._actions for s in a.option_strings}
+    """-v / -q / --debug, on every command."""
     g = p.add_argument_group("output")
-    if "--verbose" not in have:
-        g.add_argument("--verbose", "-v", action="store_true", help="details on stderr (library logs included)")
-    if "--quiet" not in have:
-        g.add_argument("--quiet", "-q", action="store_true", help="nothing on stderr but errors")
-    if "--debug" not in have:
-        g.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    g.add_argument("--verbose", "-v", action="store_true", help="details on stderr (library logs included)")
+    g.add_argument("--quiet", "-q", action="store_true", help="nothing on stderr but errors")
+    g.add_argument("--debug", action="store_true", help="show a traceback on errors")
 
 
 def add_model_flags(p) -> None:
@@ -194,9 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     # --- duo profile ---------------------------------------------------------------------------
     from .profiler import cli as profiler_cli
     pr = profiler_cli.add_profile_parser(sub)
-    pr.formatter_class = _formatter     # one line per flag, as in run and bench
-    add_common_flags(pr)                # -v / -q like every command (it has its own --debug)
-    pr.set_defaults(func=profiler_cli.main)
+    pr.set_defaults(func=profiler_cli.main, verbose=False, quiet=False)
     return p
 
 
@@ -264,9 +258,8 @@ def cmd_run(args) -> int:
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                top_k=args.top_k, seed=args.seed, stop=args.stop)
 
-    from .engine import Engine, check_arguments
+    from .engine import Engine
 
-    check_arguments(args.model, args.draft, device=args.device, dtype=args.dtype, budget=args.budget, mode=args.mode)
     note(args, "loading models...")
     t = time.perf_counter()
     with Engine(args.model, args.draft, device=args.device, dtype=args.dtype, budget=args.budget,

@@ -187,10 +187,27 @@ class Engine:
         self._closed = True
         self._draft = None
         from . import models
-        from .runtime.target import TargetError, load_target
+        from .runtime import decode
+        from .runtime.target import TargetError, load_target, resolve_device, resolve_dtype
 
-        check_arguments(model, draft, device=device, dtype=dtype, budget=budget, mode=mode, width=width,
-                        context=context, plan=plan, check_device=target_model is None)
+        assert decode.MODES == MODES
+        if mode not in ("auto",) + MODES:
+            raise UsageError(f"unknown mode {mode!r}: use auto, overlap, sequential or target")
+        if budget != "auto" and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise UsageError(f"budget must be 'auto' or an integer >= 1, got {budget!r}")
+        if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+            raise UsageError(f"width must be an integer >= 1, got {width!r}")
+        if isinstance(context, bool) or not isinstance(context, int) or context < 16:
+            raise UsageError(f"context must be an integer >= 16 (tokens), got {context!r}")
+        if target_model is None:
+            try:  # fail fast, before anything is downloaded or loaded
+                resolve_dtype(dtype, resolve_device(device))
+            except TargetError as e:
+                raise UsageError(str(e)) from e
+        registry = models.load_registry()
+        _check_model_arg(model, "target", registry)
+        if mode != "target" and (plan is None or plan.mode != "target"):
+            _check_model_arg(draft, "draft", registry)
         self._lock = threading.Lock()
         self._owner: int | None = None      # thread id of the generation holding the lock
         self._draft_failed = False
@@ -447,40 +464,6 @@ class Engine:
             self.close()
         except Exception:  # noqa: BLE001
             pass
-
-
-def check_arguments(model: str | None = None, draft: str | None = None, *, device: str = "auto",
-                    dtype: str = "auto", budget: int | str = "auto", mode: str = "auto", width: int | None = None,
-                    context: int = 8192, plan: Plan | None = None, check_device: bool = True) -> None:
-    """Raise UsageError for Engine arguments that cannot work, before anything is downloaded or loaded.
-
-    Engine() runs this first; the CLI runs it before saying "loading models...".
-    """
-    from . import models
-    from .runtime import decode
-    from .runtime.target import TargetError, resolve_device, resolve_dtype
-
-    assert decode.MODES == MODES
-    if mode not in ("auto",) + MODES:
-        raise UsageError(f"unknown mode {mode!r}: use auto, overlap, sequential or target")
-    if budget != "auto" and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
-        raise UsageError(f"budget must be 'auto' or an integer >= 1, got {budget!r}")
-    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
-        raise UsageError(f"width must be an integer >= 1, got {width!r}")
-    if isinstance(context, bool) or not isinstance(context, int) or context < 16:
-        raise UsageError(f"context must be an integer >= 16 (tokens), got {context!r}")
-    if check_device:
-        try:
-            resolve_dtype(dtype, resolve_device(device))
-        except TargetError as e:
-            raise UsageError(str(e)) from e
-    try:
-        registry = models.load_registry()
-    except models.ModelError as e:
-        raise DuoError(str(e)) from e
-    _check_model_arg(model, "target", registry)
-    if mode != "target" and (plan is None or plan.mode != "target"):
-        _check_model_arg(draft, "draft", registry)
 
 
 def _sampling(temperature, top_p, top_k, seed):

@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     # --- duo profile ---------------------------------------------------------------------------
     from .profiler import cli as profiler_cli
     pr = profiler_cli.add_profile_parser(sub)
-    pr.set_defaults(func=profiler_cli.main, verbose=False, quiet=False)
+    pr.set_defaults(func=profiler_cli.main)
     return p
 
 

@@ -40,7 +40,9 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                                                      "(default configs/calibration_prompts.jsonl)")
     p.add_argument("--plot", metavar="PATH", help="write the PNG plot here (default: next to the profile)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--verbose", "-v", action="store_true", help="details on stderr (library logs included)")
+    p.add_argument("--quiet", "-q", action="store_true", help="nothing on stderr but errors (no progress bar)")
+    p.add_argument("--debug", action="store_true", help="show a traceback on errors")
 
 
 # ------------------------------------------------------------------------------------------- report

@@ -73,11 +73,17 @@ def hf_generate(model, ids, max_new, eos, **kw) -> Sample:
 def duo_sample(engine: Engine, ids, max_new, **kw) -> Sample:
     stats = Stats()
     toks: list[int] = []
+    d0 = engine._draft.stats if engine._draft is not None else None
     t0 = time.perf_counter()
     for new, _ in engine.stream_tokens(ids, max_new_tokens=max_new, stats=stats, **kw):
         toks += new
     wall = time.perf_counter() - t0
-    return Sample(toks, wall, stats.ttft_s, stats.as_dict())
+    out = stats.as_dict()
+    if d0 is not None and engine._draft is not None:   # the worker's overlap hits (trees drafted ahead and used)
+        d1 = engine._draft.stats
+        out["overlap_hits"] = max(0, d1.overlap_hits - d0.overlap_hits)
+        out["overlap_misses"] = max(0, d1.overlap_misses - d0.overlap_misses)
+    return Sample(toks, wall, stats.ttft_s, out)
 
 
 def summarize(dataset: str, method: str, samples: list[Sample], ref: list[Sample] | None) -> Row:
@@ -107,12 +113,22 @@ def summarize(dataset: str, method: str, samples: list[Sample], ref: list[Sample
 
 
 def markdown(rows: list[Row]) -> str:
+    sim = next((r.extra["simulated"] for r in rows if r.extra.get("simulated")), None)
     head = "| dataset | method | prompts | tokens | tok/s | speedup | TTFT s | accepted/pass | acceptance | exact |"
-    lines = [head, "|" + "---|" * 10]
+    if sim:  # pipeline efficiency: measured / the cost model's tokens/s for the same rounds; idle ms per round
+        head += " plan | efficiency | target idle ms/round | draft idle ms/round | overlap hits |"
+    lines = ([f"SIMULATED accelerator: {sim} (the target replayed from its recorded output, timed as "
+              f"configs/accelerators.json says; the draft runs for real on this machine)", ""] if sim else [])
+    lines += [head, "|" + "---|" * head.count(" |")]
     for r in rows:
-        lines.append(f"| {r.dataset} | {r.method} | {r.prompts} | {r.new_tokens} | {r.tokens_per_s:.2f} | "
-                     f"{r.speedup:.2f}x | {r.ttft_s:.2f} | {r.mean_accepted_len:.2f} | {r.acceptance_rate:.2f} | "
-                     f"{'-' if r.exact is None else 'yes' if r.exact else f'NO ({len(r.mismatches)})'} |")
+        line = (f"| {r.dataset} | {r.method} | {r.prompts} | {r.new_tokens} | {r.tokens_per_s:.2f} | "
+                f"{r.speedup:.2f}x | {r.ttft_s:.2f} | {r.mean_accepted_len:.2f} | {r.acceptance_rate:.2f} | "
+                f"{'-' if r.exact is None else 'yes' if r.exact else f'NO ({len(r.mismatches)})'} |")
+        if sim:
+            x, hit = r.extra, r.extra.get("overlap_hit_rate")
+            line += (f" {x.get('plan', '-')} | {x.get('efficiency', 0):.0%} | {x.get('target_idle_ms_per_round', 0):.1f} | "
+                     f"{x.get('draft_idle_ms_per_round', 0):.1f} | {'-' if hit is None else f'{hit:.0%}'} |")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -127,6 +143,22 @@ def progress(total: int, desc: str):
 
 METHODS = ("target", "hf-assisted", "hf-prompt-lookup", "duo-sequential", "duo-overlap", "duo")
 DUO_MODES = {"duo-sequential": "sequential", "duo-overlap": "overlap", "duo": "auto"}
+SIMULATED_METHODS = ("target", "duo-sequential", "duo-overlap", "duo")
+
+
+def _simulation_extra(row: Row, engine: Engine, opts: dict, samples: list[Sample], model, accel) -> None:
+    """Under a simulated accelerator: the plan used, the pipeline efficiency (measured tokens/s over the
+    cost model's for the same rounds, duo.profiler.simulated.efficiency) and each side's idle ms per round."""
+    from duo.profiler import simulated
+
+    p = engine.plan
+    mode = samples[0].stats.get("mode", p.mode) if samples and samples[0].stats else p.mode
+    shape, width = opts.get("shape", p.shape), opts.get("width", p.width)
+    width = 1 if shape == "chain" else width
+    budget = opts.get("budget", f"{p.budget}{'~' if p.adaptive and 'budget' not in opts else ''}")
+    row.extra["simulated"] = accel.name
+    row.extra["plan"] = "target-only" if mode == "target" else f"{mode} b={budget} w={width} {p.draft_threads}t"
+    row.extra.update(simulated.efficiency(model, [s.stats for s in samples], width, p.draft_threads))
 
 
 def parse_method(m: str) -> tuple[str, dict]:
@@ -149,14 +181,28 @@ def parse_method(m: str) -> tuple[str, dict]:
 
 def run_bench(datasets: list[str], methods: list[str], *, limit: int | None, max_new: int, model=None, draft=None,
               device="auto", dtype="auto", budget="auto", temperature: float = 0.0, seed: int = 0,
-              warmup: int = 1, log=print, engine_kw: dict | None = None) -> list[Row]:
-    """Run every method on every dataset's prompts; returns one Row per (dataset, method)."""
+              warmup: int = 1, log=print, engine_kw: dict | None = None, simulate=None) -> list[Row]:
+    """Run every method on every dataset's prompts; returns one Row per (dataset, method).
+
+    simulate: SIMULATION: an accelerator profile (configs/accelerators.json): every method runs against
+    the target replayed from its recorded output, timed like that accelerator (duo.runtime.simulate);
+    rows get the pipeline efficiency and idle times in `extra`."""
     from bench import datasets as ds
     from duo import models
 
     bad = [m for m in methods if m.split("@")[0] not in METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {', '.join(bad)}: choose from {', '.join(METHODS)}")
+    accel = None
+    if simulate is not None:
+        from duo.engine import UsageError, _accelerator
+        from duo.profiler import simulated
+        accel = _accelerator(simulate)   # an unknown profile is a UsageError
+        unsupported = [m for m in methods if m.split("@")[0] not in SIMULATED_METHODS]
+        if unsupported or temperature > 0:
+            raise UsageError(f"a simulated accelerator replays greedy decoding by duo itself: use temperature 0 and "
+                             f"the methods {', '.join(SIMULATED_METHODS)}" + (f", not {', '.join(unsupported)}"
+                                                                              if unsupported else ""))
     prompts = {d: ds.load(d, limit) for d in datasets}
     methods = sorted(methods, key=lambda m: m != "target")   # the reference runs first
     rows: list[Row] = []
@@ -164,14 +210,29 @@ def run_bench(datasets: list[str], methods: list[str], *, limit: int | None, max
     # one target in memory, shared by every method; each duo method has its own draft worker/thread split
     engines: dict[str, Engine] = {}
     try:
-        base = Engine(model, draft, device=device, dtype=dtype, mode="target", progress=False)
+        base = Engine(model, draft, device=device, dtype=dtype, mode="target", progress=False, simulate=accel)
         engines["target"] = base
-        tm = base.target
+        tm = base.target.target if accel else base.target   # the real target, loaded once
+        if accel:
+            log(f"SIMULATED accelerator {accel.name}: {accel.forward_ms(1):g} ms per pass + {accel.per_token_ms:g} "
+                f"ms per further token ({accel.description}); source: {accel.source}")
+            n_rec = sum(len(p) for p in prompts.values())
+            bar = progress(n_rec, "recording the target (once per prompt, cached)")
+            for plist in prompts.values():
+                for p in plist:
+                    base.target.prepare(base.encode(p.messages), max_new)
+                    bar.update(1)
+            bar.close()
+            sim_meas, sim_source = simulated.ensure_measurements(
+                models.resolve_target(model), models.resolve_draft(draft), base.target, device, dtype)
+            log(f"simulation: draft measurements from {sim_source}")
+            sim_model = simulated.measurements(accel, sim_meas)
         for m in methods:
             base_name = m.split("@")[0]
             if base_name.startswith("duo") and base_name not in engines:
                 engines[base_name] = Engine(model, draft, device=device, dtype=dtype, budget=budget,
-                                            mode=DUO_MODES[base_name], progress=False, target_model=tm, **engine_kw)
+                                            mode=DUO_MODES[base_name], progress=False, target_model=tm,
+                                            simulate=accel, **engine_kw)
         assistant = None
         if "hf-assisted" in methods:
             dref = models.resolve_draft(draft)
@@ -189,6 +250,8 @@ def run_bench(datasets: list[str], methods: list[str], *, limit: int | None, max
         hf_sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else {}
 
         def method_fn(m, max_new=max_new):
+            if m == "target" and accel:   # the target alone, replayed and timed like the accelerator
+                return lambda ids: duo_sample(base, ids, max_new)
             if m == "target":
                 return lambda ids: hf_generate(tm.model, ids, max_new, tm.eos_ids, **hf_sampling)
             if m == "hf-assisted":
@@ -215,11 +278,16 @@ def run_bench(datasets: list[str], methods: list[str], *, limit: int | None, max
                     bar.update(1)
                 bar.close()
                 row = summarize(d, m, samples, ref if (temperature == 0 and m != "target") else None)
+                if accel:
+                    _simulation_extra(row, engines[m.split("@")[0]], parse_method(m)[1], samples, sim_model,
+                                      accel)
                 if m == "target":
                     ref = samples
                 rows.append(row)
                 log(f"{d:10} {m:17} {row.tokens_per_s:6.2f} tok/s  accepted/pass {row.mean_accepted_len:.2f}"
-                    + ("" if row.exact is None else f"  exact={row.exact}"))
+                    + ("" if row.exact is None else f"  exact={row.exact}")
+                    + (f"  SIMULATED {accel.name}: efficiency {row.extra.get('efficiency', 0):.0%}, plan "
+                       f"{row.extra.get('plan')}" if accel else ""))
             base_row = next((r for r in rows if r.dataset == d and r.method == "target"), None)
             for r in rows:
                 if r.dataset == d and base_row and base_row.tokens_per_s:
@@ -250,10 +318,13 @@ def plot_speedups(rows: list[Row], path: str) -> None:
 
 
 def main(args) -> int:
-    rows = run_bench(args.dataset, args.methods, limit=args.limit, max_new=args.max_new_tokens, model=args.model,
+    methods = args.methods or (list(SIMULATED_METHODS) if getattr(args, "simulate_accelerator", None) else
+                               ["target", "hf-assisted", "hf-prompt-lookup", "duo-sequential", "duo"])
+    rows = run_bench(args.dataset, methods, limit=args.limit, max_new=args.max_new_tokens, model=args.model,
                      draft=args.draft, device=args.device, dtype=args.dtype, budget=args.budget,
                      temperature=args.temperature, seed=args.seed,
-                     log=lambda s: print(s, file=sys.stderr, flush=True))
+                     log=lambda s: print(s, file=sys.stderr, flush=True),
+                     simulate=getattr(args, "simulate_accelerator", None))
     print(markdown(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="chat even if stdin is not a terminal (a line per turn)")
     g.add_argument("--mode", choices=["auto", "overlap", "sequential", "target"], default="auto", metavar="MODE",
                    help="auto, overlap, sequential, or target (no draft)")
+    g.add_argument("--profile", choices=["auto", "saved", "off"], default=os.environ.get("DUO_PROFILE", "auto"),
+                   metavar="P", help="with --budget/--mode auto: auto (quick profile if none is saved), saved, off")
     g.add_argument("--stats", action="store_true", help="speed and acceptance on stderr")
     g.add_argument("--json", action="store_true", help="print one JSON object: text and stats")
     add_common_flags(r)
@@ -166,9 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = b.add_argument_group("bench")
     g.add_argument("--dataset", type=_list, default=["humaneval", "gsm8k", "mt-bench"], metavar="LIST",
                    help="humaneval, gsm8k, mt-bench, or a JSONL file")
-    g.add_argument("--methods", type=_list, metavar="LIST",
-                   default=["target", "hf-assisted", "hf-prompt-lookup", "duo-sequential", "duo"],
-                   help="target, hf-assisted, hf-prompt-lookup, duo-sequential, duo")
+    g.add_argument("--methods", type=_list, metavar="LIST", default=None,
+                   help="target, hf-assisted, hf-prompt-lookup, duo-sequential, duo-overlap, duo (default: all but "
+                        "duo-overlap; with --simulate-accelerator: target, duo-sequential, duo-overlap, duo)")
+    g.add_argument("--simulate-accelerator", metavar="PROFILE",
+                   help="SIMULATION: replay the target's recorded output timed like PROFILE (a name in "
+                        "configs/accelerators.json, or a JSON file); the draft runs for real")
     g.add_argument("--limit", type=_number(int, ">= 1", lo=1), default=10, metavar="N",
                    help="prompts per dataset (default 10)")
     g.add_argument("--json", metavar="PATH", help="write the rows as JSON to PATH")
@@ -263,7 +268,7 @@ def cmd_run(args) -> int:
     note(args, "loading models...")
     t = time.perf_counter()
     with Engine(args.model, args.draft, device=args.device, dtype=args.dtype, budget=args.budget,
-                mode=args.mode, progress=not args.quiet) as engine:
+                mode=args.mode, progress=not args.quiet, profile=args.profile) as engine:
         log.info("loaded %s + %s on %s in %.1fs; plan %s", engine.target.name,
                  engine.draft_ref.name if engine.draft_ref else "no draft", engine.target.device,
                  time.perf_counter() - t, engine.plan)

@@ -174,6 +174,13 @@ class Engine:
         context: the longest prompt + answer, in tokens (capped by the target's own window).
         plan: a ready Plan (threads, cores, budget), overriding mode/budget.
         progress: show download / conversion progress on stderr.
+        profile: where an "auto" mode or budget comes from: "saved" (this machine's saved `duo profile`
+            if there is one, else built-in defaults), "auto" (as "saved", but measure a quick profile first
+            when none is saved; `duo run` does this), or "off" (built-in defaults).
+        simulate: SIMULATION: an accelerator profile (a name from configs/accelerators.json, a dict or a
+            JSON file): the target answers from a recording of its own greedy output, taking the
+            accelerator's time per pass, while the draft runs for real with every core (greedy only;
+            see duo.runtime.simulate).
 
     Raises UsageError for bad arguments (a missing model file, a draft that is not GGUF, a draft and a target
     with different vocabularies, a CUDA device without a GPU, ...) and DuoError when loading fails (out of
@@ -183,7 +190,7 @@ class Engine:
     def __init__(self, model: str | None = None, draft: str | None = None, *, device: str = "auto",
                  dtype: str = "auto", budget: int | str = "auto", mode: str = "auto", width: int | None = None,
                  shape: str = "dynamic", lookup: bool = True, context: int = 8192, plan: Plan | None = None,
-                 progress: bool = True, target_model=None):
+                 progress: bool = True, target_model=None, profile: str = "saved", simulate=None):
         self._closed = True
         self._draft = None
         from . import models
@@ -197,8 +204,11 @@ class Engine:
             raise UsageError(f"budget must be 'auto' or an integer >= 1, got {budget!r}")
         if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
             raise UsageError(f"width must be an integer >= 1, got {width!r}")
+        if profile not in ("auto", "saved", "off"):
+            raise UsageError(f"unknown profile {profile!r}: use auto, saved or off")
         if isinstance(context, bool) or not isinstance(context, int) or context < 16:
             raise UsageError(f"context must be an integer >= 16 (tokens), got {context!r}")
+        accelerator = _accelerator(simulate) if simulate is not None else None
         if target_model is None:
             try:  # fail fast, before anything is downloaded or loaded
                 resolve_dtype(dtype, resolve_device(device))
@@ -229,10 +239,13 @@ class Engine:
                     raise DuoError(f"the target model in {tref.hf_dir} failed to load ({type(e).__name__}: "
                                    f"{first}); check that it is a complete Hugging Face model directory") from e
             self.target = target_model
-            if plan is None and dref is not None and "auto" in (mode, budget):
-                self._use_profile(tref, dref, device, dtype, mode, budget)
+            if accelerator is not None:   # SIMULATION: the recorded target, timed like the accelerator
+                self._simulate(accelerator, plan)
             if dref is not None:
                 models.check_vocab(dref.gguf, self.target.tokenizer, dref.name, tref.name)
+            if plan is None and dref is not None and "auto" in (mode, budget) and profile != "off":
+                self._use_profile(tref, dref, device, dtype, mode, budget, quick=profile == "auto",
+                                  progress=progress)
         except models.VocabMismatchError as e:
             raise UsageError(str(e)) from e
         except (models.ModelError, TargetError) as e:
@@ -248,15 +261,28 @@ class Engine:
     def _plan(mode: str, budget: int | None) -> Plan:
         return default_plan(mode, budget)
 
-    def _use_profile(self, tref, dref, device, dtype, mode, budget) -> None:
-        """Take mode/budget/threads from this machine's saved profile (`duo profile`), if there is one."""
-        from .profiler.profile import plan_for
+    def _use_profile(self, tref, dref, device, dtype, mode, budget, quick: bool, progress: bool) -> None:
+        """Take mode/budget/threads from this machine's saved profile (`duo profile`), if there is one;
+        with `quick`, measure a quick profile first when there is none."""
+        if getattr(self.target, "simulated", False):   # the accelerator's pass times with this machine's draft
+            from .profiler.simulated import plan_for
+        else:
+            from .profiler.profile import plan_for
         chosen = plan_for(tref, dref, device, dtype, mode, None if budget == "auto" else budget,
-                          quick_if_missing=False, target_model=self.target)
+                          quick_if_missing=quick, target_model=self.target, progress=progress)
         if chosen is not None:
             chosen.width = self.plan.width if self.plan.source == "user" else chosen.width
             chosen.shape, chosen.adaptive = self.plan.shape, self.plan.adaptive
             self.plan = chosen
+
+    def _simulate(self, accelerator, plan: Plan | None) -> None:
+        """SIMULATION: replace the target by its recorded self, timed like `accelerator`; without a given
+        plan the draft gets every core (the simulated accelerator uses none), unpinned."""
+        from .runtime.simulate import SimulatedTarget
+        self.target = SimulatedTarget(self.target, accelerator)
+        if plan is None:
+            self.plan.draft_threads, self.plan.target_threads = len(os.sched_getaffinity(0)), 1
+            self.plan.draft_cores = self.plan.target_cores = None
 
     def _start_draft(self) -> None:
         from .runtime.draft_worker import DraftClient, DraftConfig, DraftError
@@ -294,6 +320,7 @@ class Engine:
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise UsageError("the prompt is empty: give some text")
+            _check_text(prompt, "the prompt")
             use_chat = chat if chat is not None else bool(getattr(tok, "chat_template", None))
             if not use_chat:
                 return encode_plain(tok, prompt)
@@ -307,6 +334,8 @@ class Engine:
             prompt = [{"role": "system", "content": system}] + list(prompt)
         if not getattr(tok, "chat_template", None):
             raise UsageError(f"target {self.target.name} has no chat template: pass plain text instead of messages")
+        for m in prompt:
+            _check_text(m["content"], f"the content of a {m['role']!r} message")
         return encode_chat(tok, prompt)
 
     def _decode_config(self, max_new_tokens, temperature, top_p, top_k, seed, n_prompt, overrides) -> DecodeConfig:
@@ -328,6 +357,14 @@ class Engine:
                 setattr(cfg, k, v)
         if cfg.mode not in MODES:
             raise UsageError(f"unknown mode {cfg.mode!r}: use overlap, sequential or target")
+        if cfg.mode != "target" and self._draft is not None:   # else the draft would refuse them: a fallback
+            dc = self._draft.cfg
+            for name, lo, hi in (("budget", 0, dc.max_nodes), ("width", 1, dc.max_seqs)):
+                v = getattr(cfg, name)
+                if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                    raise UsageError(f"{name} must be an integer in [{lo}, {hi}] for this engine, got {v!r}")
+            if cfg.shape not in ("chain", "dynamic", "eagle"):
+                raise UsageError(f"unknown shape {cfg.shape!r}: use chain, dynamic or eagle")
         return cfg
 
     def stream_tokens(self, prompt: str | Messages | Sequence[int], *, max_new_tokens: int = 256,
@@ -357,6 +394,8 @@ class Engine:
                                       dict(mode=mode, budget=budget, width=width, shape=shape, lookup=lookup))
             if cfg.max_new_tokens == 0:
                 return
+            if getattr(self.target, "simulated", False):   # the recording it replays (made once per prompt)
+                _simulation_call(self.target.prepare, ids, cfg.max_new_tokens, cfg.sampling)
             self._ensure_draft()
             draft = self._draft if cfg.mode != "target" else None
             text = TextStream(self.target.tokenizer, stop)
@@ -464,6 +503,30 @@ class Engine:
             self.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+def _simulation_call(fn, *args):
+    """fn(*args), with the simulation's errors (an unknown profile, sampling) as UsageErrors."""
+    from .runtime.simulate import SimulationError
+    try:
+        return fn(*args)
+    except SimulationError as e:
+        raise UsageError(str(e)) from e
+
+
+def _accelerator(spec):
+    from .runtime.simulate import get_accelerator
+    return _simulation_call(get_accelerator, spec)
+
+
+def _check_text(text: str, what: str) -> None:
+    """A UsageError for text the tokenizer cannot take: lone surrogates (e.g. bytes decoded with
+    errors="surrogateescape") are not Unicode text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(f"{what} is not valid Unicode text (a lone surrogate at character {e.start}, e.g. from "
+                         f"undecodable bytes): decode the input as UTF-8 first") from None
 
 
 def _sampling(temperature, top_p, top_k, seed):

@@ -646,7 +646,7 @@ def check_vocab(draft_gguf: Path, tokenizer, draft_name: str, target_name: str) 
     A draft vocabulary longer than the tokenizer only by llama.cpp [PAD<id>] placeholders is accepted.
     """
     vocab = read_gguf_vocab(draft_gguf)
-    pair = f"draft {draft_name} and target {target_name}"
+    pair = f"the draft {draft_name!r} and the target {target_name!r}"
     fix = "use a draft and a target from the same model family"
     n_draft, n_target = len(vocab.tokens), len(tokenizer)
     if n_draft != n_target:

@@ -8,6 +8,9 @@ import pytest
 # Read once at import, before any test monkeypatches DUO_CACHE: with it set, the tiny pairs are
 # built once into $DUO_CACHE/tiny and reused across runs (a finished build is detected and kept).
 _PERSISTENT = os.environ.get("DUO_CACHE")
+# `duo run` measures a quick profile when none is saved (--profile auto); in tests that would profile the
+# tiny pair in every subprocess, so they use a saved profile only. test_cli covers the auto path itself.
+os.environ.setdefault("DUO_PROFILE", "saved")
 
 
 def _tiny_dir(tmp_path_factory, name: str) -> Path:

@@ -1,5 +1,3 @@
-# Not collected yet (one of these failed once in a fresh-clone run under load and could not be diagnosed
-# before the session ended); rename back to test_cli.py once fixed. See the closing note.
 """`duo run`, the chat and the Python API, used as a user would.
 
 The command line runs as a real process (`python -m duo ...`): exit codes, stdout and stderr are the
@@ -337,6 +335,19 @@ def test_mode_budget_and_dtype_flags(flags, reference):
     assert p.returncode == 0, p.err
     obj = json.loads(p.out)
     assert obj["stats"]["mode"] == "target" and obj["stats"]["drafted"] == 0
+
+
+def test_first_run_measures_a_quick_profile_then_uses_it(flags, reference, tmp_path):
+    env = {"DUO_PROFILE": "auto", "DUO_CACHE": str(tmp_path)}      # a machine with no saved profile
+    p = duo("run", *flags, "-n", N, "-v", PROMPT, env=env, timeout=600)
+    assert p.returncode == 0, p.err
+    assert p.out.rstrip("\n") == reference
+    assert "no profile yet: measuring this machine" in p.err and "source='profile " in p.err, p.err
+    saved = list((tmp_path / "profiles").glob("*.json"))
+    assert len(saved) == 1 and json.loads(saved[0].read_text())["quick"] is True
+    p = duo("run", *flags, "-n", N, "-v", PROMPT, env=env)        # the second run just uses it
+    assert p.returncode == 0 and p.out.rstrip("\n") == reference, p.err
+    assert "no profile yet" not in p.err and "source='profile " in p.err, p.err
 
 
 def test_sampling_flags_reach_the_engine(flags, engine):

@@ -335,3 +335,12 @@ def test_benchmarks_run_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path):
     json.dumps(prof)  # serialisable
     assert "choice:" in format_report(prof)
     P.plan_from_profile(prof)
+
+
+def test_verify_curve_is_made_monotone():
+    from duo.profiler.profile import monotone
+    # n=1 measured slower than n=2 (a competing process): the model uses the faster, larger pass
+    assert monotone({1: 463.0, 2: 458.0, 4: 507.0, 8: 500.0, 16: 720.0}) == {1: 458.0, 2: 458.0, 4: 500.0, 8: 500.0,
+                                                                          16: 720.0}
+    clean = {1: 280.0, 2: 300.0, 4: 430.0}
+    assert monotone(clean) == clean

@@ -39,6 +39,9 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", metavar="FILE", help="calibration prompts, JSONL with \"prompt\" or \"messages\" "
                                                      "(default configs/calibration_prompts.jsonl)")
     p.add_argument("--plot", metavar="PATH", help="write the PNG plot here (default: next to the profile)")
+    p.add_argument("--simulate-accelerator", metavar="NAME",
+                   help="SIMULATION: the choice for an accelerator profile of configs/accelerators.json (or a "
+                        "comma list, or 'all') with this machine's draft (from the saved profile, else calibrated)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--verbose", "-v", action="store_true", help="details on stderr (library logs included)")
     p.add_argument("--quiet", "-q", action="store_true", help="nothing on stderr but errors (no progress bar)")
@@ -184,6 +187,9 @@ def plot_profile(profile: dict, path: str | Path) -> Path | None:
 def main(args) -> int:
     from .profile import create_profile
 
+    if getattr(args, "simulate_accelerator", None):
+        from . import simulated
+        return simulated.main(args)
     progress = not getattr(args, "no_progress", False) and not getattr(args, "quiet", False)
     profile, path = create_profile(args.model, args.draft, device=args.device, dtype=args.dtype,
                                    quick=args.quick, prompts=args.prompts, progress=progress)

@@ -181,6 +181,8 @@ class Measurements:
     tree_factor: float = 1.0  # verify time of a branched tree / a chain of as many tokens
     interference: dict = field(default_factory=dict)  # {draft threads: (draft factor, target factor)}
     supports_tree: bool = True
+    host_cores: int = 1       # on a GPU: cores the target's host thread keeps while the draft overlaps it
+                              # (0 for a simulated accelerator: duo.runtime.simulate)
 
     def __post_init__(self):
         self.draft_ms = {int(t): monotone({int(w): float(v) for w, v in d.items()}) for t, d in self.draft_ms.items()}
@@ -230,7 +232,7 @@ class Measurements:
         if mode == "overlap":
             if self.gpu:
                 return [(d, max(1, self.n_cores - d)) for d in sorted(self.draft_ms)
-                        if d <= max(1, self.n_cores - 1)]
+                        if d <= max(1, self.n_cores - self.host_cores)]
             return [(d, self.n_cores - d) for d in sorted(self.draft_ms)
                     if d < self.n_cores and (self.n_cores - d) in self.verify_ms]
         raise ValueError(f"unknown mode {mode!r}")
@@ -257,16 +259,18 @@ class Row:
     tps: float
 
 
-def evaluate(m: Measurements, mode: str, budget: int, width: int, draft_threads: int, target_threads: int) -> Row:
-    """Predicted round of one configuration."""
+def evaluate(m: Measurements, mode: str, budget: int, width: int, draft_threads: int, target_threads: int, *,
+             expected: float | None = None, hit: float | None = None, verify_n: float | None = None) -> Row:
+    """Predicted round of one configuration. expected / hit / verify_n replace the model's E, overlap hit
+    probability and tokens per pass by observed ones (pipeline efficiency of a measured run)."""
     if mode == "target":
         v = m.verify(1, target_threads)
         t = v + m.overhead_ms
         return Row(mode, 0, 1, 0, target_threads, 1.0, t, 0.0, v, 0.0, 1000.0 / t)
     acc = m.acceptance
     width = width if m.supports_tree else 1
-    e = expected_tokens(acc, budget, width)
-    n = budget + 1
+    e = expected_tokens(acc, budget, width) if expected is None else expected
+    n = budget + 1 if verify_n is None else verify_n
     v = m.verify(n, target_threads) * (m.tree_factor if width > 1 and len(branch_lengths(acc, budget, width)) > 1
                                        else 1.0)
     d = m.draft(budget, width, draft_threads)
@@ -274,7 +278,7 @@ def evaluate(m: Measurements, mode: str, budget: int, width: int, draft_threads:
         t, hit = d + v, 0.0
     elif mode == "overlap":
         fd, ft = m.interference.get(draft_threads, (1.0, 1.0))
-        hit = hit_probability(acc, budget, width)
+        hit = hit_probability(acc, budget, width) if hit is None else hit
         v2, d2, s2 = v * ft, d * fd, m.step(draft_threads, 1) * fd
         t = hit * max(v2, d2 + s2) + (1 - hit) * (v2 + d)
         v, d = v2, d2

@@ -177,9 +177,13 @@ def list_profiles(directory: str | Path | None = None) -> list[dict]:
 
 
 def closest_profile(key: dict, directory: str | Path | None = None) -> tuple[dict | None, list[str]]:
-    """The saved profile whose key differs least from `key` (newest on ties), and the differences."""
+    """The saved profile for the same model names whose key differs least from `key` (newest on ties), and
+    the differences (another machine, a changed model file). Profiles of other model pairs never count."""
     best, best_diff = None, []
+    names = lambda k: [(k.get(r) or {}).get("name") for r in ("target", "draft")]  # noqa: E731
     for prof in list_profiles(directory):
+        if names(prof.get("key", {})) != names(key):
+            continue
         changes = diff(prof.get("key", {}), key)
         if best is None or (len(changes), -_created(prof)) < (len(best_diff), -_created(best)):
             best, best_diff = prof, changes
@@ -207,6 +211,16 @@ def warn_changes(changes: list[str], what: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- plans
+def monotone(curve: dict[int, float]) -> dict[int, float]:
+    """verify(n) = min over m >= n of the measured verify(m): a pass over fewer tokens is never slower,
+    so a larger time at smaller n is noise (another process took a core) and must not steer the choice."""
+    out, best = {}, float("inf")
+    for n in sorted(curve, reverse=True):
+        best = min(best, curve[n])
+        out[n] = best
+    return dict(sorted(out.items()))
+
+
 def measurements_from_profile(profile: dict) -> cost.Measurements:
     """The cost model's view of a profile's raw measurements.
 
@@ -230,7 +244,7 @@ def measurements_from_profile(profile: dict) -> cost.Measurements:
         if ratios:
             factors[t] = (1 + sum(ratios)) / (1 + len(ratios))
     default_factor = factors[max(factors)] if factors else 1.0
-    verify = {t: {k: v * factors.get(t, default_factor) for k, v in per_ctx[ref].items()}
+    verify = {t: monotone({k: v * factors.get(t, default_factor) for k, v in per_ctx[ref].items()})
               for t, per_ctx in by.items() if ref in per_ctx}
     a = m["acceptance"]
     acc = cost.Acceptance(a["hazard"], a.get("rank", []), a.get("tail"))

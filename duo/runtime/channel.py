@@ -7,17 +7,28 @@ One ``SharedMemory`` block named ``duo_<pid>_<hex>`` holds fixed-size numpy arra
 * tree buffers [max_nodes]       tokens int32, parents int32, probs float32, source int8
 * ``msg``    uint8  [MSG_BYTES]  an error message (utf-8)
 
-Two spawn-context semaphores wake the other side: ``req`` (target -> worker) and
-``resp`` (worker -> target). Only one request is in flight at a time, so a
-release/acquire pair is all the synchronisation needed (semaphore operations are
-full memory barriers). The parent creates and finally unlinks the block; the child
-only attaches.
+Two semaphores wake the other side: ``req`` (target -> worker) and ``resp``
+(worker -> target). Only one request is in flight at a time, so a release/acquire
+pair is all the synchronisation needed (semaphore operations are full memory
+barriers). On Linux they are eventfds the spawned child inherits (``EventSemaphore``):
+nameless, so the kernel frees them with the last process that holds them. (The
+named semaphores of ``multiprocessing``, /dev/shm/sem.mp-*, leak when the whole
+process group, its resource tracker included, is SIGKILLed.)
+
+The parent creates and finally unlinks the block; the child only attaches. The
+owner holds a shared ``flock`` on the block while it lives; ``sweep_stale_segments``
+(run by ``Channel.create``) unlinks ``duo_<pid>_*`` blocks whose owner was killed
+before it could unlink them: pid gone and no lock held.
 """
 from __future__ import annotations
 
+import fcntl
+import math
 import multiprocessing as mp
 import os
+import re
 import secrets
+import select
 import time
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -48,6 +59,7 @@ ROLLBACKS = 17   # times seq 0's KV had to be cut back to the committed prefix
 HITS = 18        # overlap: prepared tree was the one asked for
 MISSES = 19      # overlap: prepared tree thrown away
 N_REQUESTS = 20
+HEARTBEAT = 21   # bumped by the worker after every llama_decode: a slow worker is not a hung one
 CTRL_LEN = 32
 
 CMD_NONE, CMD_PING, CMD_START, CMD_TREE, CMD_STOP = 0, 1, 2, 3, 4
@@ -59,6 +71,106 @@ SHAPES = {"chain": 0, "dynamic": 1, "eagle": 2}
 SHAPE_NAMES = {v: k for k, v in SHAPES.items()}
 
 MSG_BYTES = 4096
+
+SHM_DIR = "/dev/shm"
+_SEGMENT = re.compile(r"duo_(\d+)_[0-9a-f]{12}")   # names made by Channel.create
+
+
+class EventSemaphore:
+    """A counting semaphore on a Linux eventfd (EFD_SEMAPHORE): ``release`` adds 1, ``acquire``
+    takes 1, waiting up to ``timeout`` seconds (rounded up to the millisecond). One process
+    acquires, any releases. It reaches the spawned worker as an inherited file descriptor (it
+    pickles only while a spawn-context Process starts) and has no name, so nothing is left
+    behind when processes die, however they die."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
+
+    @classmethod
+    def create(cls) -> "EventSemaphore":
+        return cls(os.eventfd(0, os.EFD_SEMAPHORE | os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.eventfd_write(self.fd, 1)
+
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        while True:
+            try:
+                os.eventfd_read(self.fd)
+                return True
+            except BlockingIOError:
+                pass
+            if not block:
+                return False
+            if deadline is None:
+                self._poll.poll()
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._poll.poll(math.ceil(left * 1000))
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __reduce__(self):
+        popen = mp.context.get_spawning_popen()
+        if popen is None:
+            raise RuntimeError("an EventSemaphore is handed to a child process only while spawning it")
+        return EventSemaphore, (popen.duplicate_for_child(self.fd),)
+
+
+def _semaphore(ctx):
+    return EventSemaphore.create() if hasattr(os, "eventfd") else ctx.Semaphore(0)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, as someone else's
+        return True
+    return True
+
+
+def sweep_stale_segments() -> list[str]:
+    """Unlink the shared-memory blocks of channels whose owner died without unlinking them (a
+    SIGKILL that took its resource tracker too). Only names made by ``Channel.create``
+    (duo_<pid>_<12 hex>), only ours (uid), only when that pid no longer exists, and only when no
+    process holds the owner's lock on it (a live owner in another pid namespace). Returns the
+    names removed."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        m = _SEGMENT.fullmatch(name)
+        if m is None or _pid_alive(int(m.group(1))):
+            continue
+        path = os.path.join(SHM_DIR, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if os.fstat(fd).st_uid != os.getuid():
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
+            removed.append(name)
+        except OSError:  # locked by a live owner, or gone meanwhile
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 @dataclass
@@ -119,9 +231,13 @@ class Channel:
     @staticmethod
     def create(n_ctx: int, max_nodes: int, ctx=None) -> "Channel":
         ctx = ctx or mp.get_context("spawn")
+        sweep_stale_segments()
         name = f"duo_{os.getpid()}_{secrets.token_hex(6)}"
         shm = shared_memory.SharedMemory(name=name, create=True, size=_nbytes(n_ctx, max_nodes))
-        spec = ChannelSpec(name, n_ctx, max_nodes, ctx.Semaphore(0), ctx.Semaphore(0))
+        fd = getattr(shm, "_fd", -1)
+        if fd >= 0:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # "my owner is alive", for sweep_stale_segments
+        spec = ChannelSpec(name, n_ctx, max_nodes, _semaphore(ctx), _semaphore(ctx))
         chan = Channel(shm, spec, owner=True)
         chan.ctrl[:] = 0
         return chan
@@ -151,6 +267,9 @@ class Channel:
                 self.shm.unlink()
             except FileNotFoundError:
                 pass
+        for sem in (self.req, self.resp):
+            if isinstance(sem, EventSemaphore):
+                sem.close()
 
     # ---------------------------------------------------------------- requests
     def write_request(self, round: int, cmd: int, tokens=(), budget: int = 0, width: int = 0,

@@ -99,9 +99,19 @@ def adapt_budget(accepted_ema: float, lo: int, hi: int) -> int:
     return int(min(hi, max(lo, round(2 * accepted_ema + 4))))
 
 
+def target_ops(tm):
+    """The target's operations: duo.runtime.target's, or those a stand-in brings as `tm.ops`
+    (duo.runtime.simulate.SimulatedTarget: the recorded target, timed like an accelerator)."""
+    ops = getattr(tm, "ops", None)
+    if ops is None:
+        return new_cache, prefill, cache_length, forward_tree, choose_tokens, compact_cache
+    return ops.new_cache, ops.prefill, ops.cache_length, ops.forward_tree, ops.choose_tokens, ops.compact_cache
+
+
 def generate_tokens(tm: TargetModel, draft, prompt: list[int], cfg: DecodeConfig, stats: Stats,
                     ) -> Iterator[list[int]]:
     """Yield the tokens committed by each round until EOS or max_new_tokens. `draft` may be None."""
+    new_cache, prefill, cache_length, forward_tree, choose_tokens, compact_cache = target_ops(tm)
     t0 = time.perf_counter()
     stats.mode = cfg.mode if draft is not None else "target"
     u = UniformStream(cfg.sampling.seed)

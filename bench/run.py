@@ -74,6 +74,8 @@ def duo_sample(engine: Engine, ids, max_new, **kw) -> Sample:
     stats = Stats()
     toks: list[int] = []
     d0 = engine._draft.stats if engine._draft is not None else None
+    sim = engine.target.counters if getattr(engine.target, "simulated", False) else None
+    s0 = (sim.idle_s, sim.gaps) if sim else None
     t0 = time.perf_counter()
     for new, _ in engine.stream_tokens(ids, max_new_tokens=max_new, stats=stats, **kw):
         toks += new
@@ -83,6 +85,8 @@ def duo_sample(engine: Engine, ids, max_new, **kw) -> Sample:
         d1 = engine._draft.stats
         out["overlap_hits"] = max(0, d1.overlap_hits - d0.overlap_hits)
         out["overlap_misses"] = max(0, d1.overlap_misses - d0.overlap_misses)
+    if sim:   # SIMULATED accelerator: its idle time between passes, steady state (duo.runtime.simulate)
+        out["accelerator_idle_s"], out["accelerator_gaps"] = sim.idle_s - s0[0], sim.gaps - s0[1]
     return Sample(toks, wall, stats.ttft_s, out)
 
 
@@ -106,6 +110,15 @@ def summarize(dataset: str, method: str, samples: list[Sample], ref: list[Sample
                      "target_idle_s": sum(x.get("target_idle_s", 0) for x in st),
                      "draft_idle_s": sum(x.get("draft_idle_s", 0) for x in st),
                      "verify_s": sum(x.get("verify_s", 0) for x in st)}
+        if rounds and any(x.get("drafted") for x in st):   # where the time of one round goes, ms
+            prefill = sum(x.get("prefill_s", 0) for x in st)
+            x = row.extra
+            rest = wall - prefill - x["verify_s"] - x["target_idle_s"]
+            x["round_ms"] = {"round": 1000 * (wall - prefill) / rounds,
+                             "verify": 1000 * x["verify_s"] / rounds,             # target forward + accept + compact
+                             "wait_for_draft": 1000 * x["target_idle_s"] / rounds,  # drafting the target waited for
+                             "other": 1000 * rest / rounds,                      # exchange, lookup, Python, streaming
+                             "draft_idle": 1000 * x["draft_idle_s"] / rounds}     # the worker waiting for the target
     if ref is not None:
         row.mismatches = [i for i, (a, b) in enumerate(zip(samples, ref)) if a.tokens != b.tokens]
         row.exact = not row.mismatches
@@ -118,7 +131,9 @@ def markdown(rows: list[Row]) -> str:
     if sim:  # pipeline efficiency: measured / the cost model's tokens/s for the same rounds; idle ms per round
         head += " plan | efficiency | target idle ms/round | draft idle ms/round | overlap hits |"
     lines = ([f"SIMULATED accelerator: {sim} (the target replayed from its recorded output, timed as "
-              f"configs/accelerators.json says; the draft runs for real on this machine)", ""] if sim else [])
+              f"configs/accelerators.json says; the draft runs for real on this machine). efficiency: the cost "
+              f"model's time for the same rounds / the measured time, after the first round; b=N~: adaptive "
+              f"budget starting at N", ""] if sim else [])
     lines += [head, "|" + "---|" * head.count(" |")]
     for r in rows:
         line = (f"| {r.dataset} | {r.method} | {r.prompts} | {r.new_tokens} | {r.tokens_per_s:.2f} | "
@@ -129,6 +144,15 @@ def markdown(rows: list[Row]) -> str:
             line += (f" {x.get('plan', '-')} | {x.get('efficiency', 0):.0%} | {x.get('target_idle_ms_per_round', 0):.1f} | "
                      f"{x.get('draft_idle_ms_per_round', 0):.1f} | {'-' if hit is None else f'{hit:.0%}'} |")
         lines.append(line)
+    timed = [r for r in rows if r.extra.get("round_ms")]
+    if timed:
+        lines += ["", "Where one round's time goes (ms per round; the draft's idle time overlaps the others):", "",
+                  "| dataset | method | round | verify | wait for draft | other (exchange, Python) | draft idle |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in timed:
+            t = r.extra["round_ms"]
+            lines.append(f"| {r.dataset} | {r.method} | {t['round']:.1f} | {t['verify']:.1f} | {t['wait_for_draft']:.1f} "
+                         f"| {t['other']:.1f} | {t['draft_idle']:.1f} |")
     return "\n".join(lines)
 
 
@@ -264,6 +288,15 @@ def run_bench(datasets: list[str], methods: list[str], *, limit: int | None, max
             return lambda ids: duo_sample(engines[name], ids, max_new, **sampling, **opts)
 
         for d, plist in prompts.items():
+            if d == "mt-bench-2":   # the second turn follows the target's own (greedy) answer to the first
+                first = next((e for k, e in engines.items() if k.startswith("duo")), base)
+                bar = progress(len(plist), "mt-bench-2: answering the first turns (not timed)")
+                for p in plist:
+                    answer = first.generate(p.messages, max_new_tokens=max_new).text
+                    p.messages = p.messages + [{"role": "assistant", "content": answer},
+                                               {"role": "user", "content": p.turns[1]}]
+                    bar.update(1)
+                bar.close()
             encoded = [base.encode(p.messages) for p in plist]
             ref = None
             for m in methods:

@@ -70,6 +70,22 @@ def _dtype(s: str) -> str:
     return DTYPES[s]
 
 
+def _methods(s: str) -> list[str]:
+    """'target,duo-sequential@chain,b=8,duo' -> ['target', 'duo-sequential@chain,b=8', 'duo']: items that are
+    not a method name are options of the method before them."""
+    from bench.run import METHODS
+    out: list[str] = []
+    for x in _list(s):
+        if x.split("@")[0] in METHODS or not out:
+            out.append(x)
+        else:
+            out[-1] += ("," if "@" in out[-1] else "@") + x
+    bad = [m for m in out if m.split("@")[0] not in METHODS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown method {bad[0]!r}: choose from {', '.join(METHODS)}")
+    return out
+
+
 def _list(s: str) -> list[str]:
     items = [x.strip() for x in s.split(",") if x.strip()]
     if not items:
@@ -167,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_flags(b, default_max=128, sampling=False)
     g = b.add_argument_group("bench")
     g.add_argument("--dataset", type=_list, default=["humaneval", "gsm8k", "mt-bench"], metavar="LIST",
-                   help="humaneval, gsm8k, mt-bench, or a JSONL file")
-    g.add_argument("--methods", type=_list, metavar="LIST", default=None,
+                   help="humaneval, gsm8k, mt-bench, mt-bench-2 (second turns), or a JSONL file")
+    g.add_argument("--methods", type=_methods, metavar="LIST", default=None,
                    help="target, hf-assisted, hf-prompt-lookup, duo-sequential, duo-overlap, duo (default: all but "
                         "duo-overlap; with --simulate-accelerator: target, duo-sequential, duo-overlap, duo)")
     g.add_argument("--simulate-accelerator", metavar="PROFILE",

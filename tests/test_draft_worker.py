@@ -22,6 +22,7 @@ from duo.runtime.draft_worker import (  # noqa: E402
     DraftClient, DraftConfig, DraftDied, DraftError, DraftTimeout, split_budget, top_path,
 )
 from duo.runtime.tree import Tree  # noqa: E402
+from duo.testing.procs import gone
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,18 +73,6 @@ def cfg(path, **kw) -> DraftConfig:
 
 def my_segments() -> list[str]:
     return sorted(p for p in os.listdir("/dev/shm") if p.startswith(f"duo_{os.getpid()}_"))
-
-
-def gone(pid: int, wait: float = 5.0) -> bool:
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def assert_clean(pid: int) -> None:

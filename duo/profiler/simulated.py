@@ -13,7 +13,8 @@ The cost model (duo.profiler.cost) runs unchanged on measurements made of
 
 `plan_for` gives the Engine its Plan (mode, budget, width, draft threads) for an accelerator, and
 `efficiency` compares a measured run with the model: the model's time for the same rounds (its round
-time with the run's own tokens per pass and overlap hit rate) divided by the measured decoding time.
+time with the run's own tokens per pass and overlap hit rate) divided by the measured time, in the
+steady state (from the end of the first round on).
 """
 from __future__ import annotations
 
@@ -205,15 +206,21 @@ def plan_for(target_ref, draft_ref, device: str = "auto", dtype: str = "auto", m
 
 # ------------------------------------------------------------------------------------------- efficiency
 def efficiency(m: cost.Measurements, samples: list[dict], width: int = 1, draft_threads: int | None = None) -> dict:
-    """Pipeline efficiency of measured generations (their Stats.as_dict(), plus `overlap_hits` /
-    `overlap_misses` of the draft worker for the overlap schedule): the cost model's time for the
-    same rounds, each round as the model times it with the run's own tokens per pass and hit rate,
-    divided by the measured decoding time (prefill excluded); and each side's idle ms per round."""
+    """Pipeline efficiency of measured generations, in the steady state.
+
+    samples: their Stats.as_dict(), plus the draft worker's `overlap_hits` / `overlap_misses` (overlap
+    schedule) and the simulated accelerator's `accelerator_idle_s` / `accelerator_gaps` when known.
+    efficiency = the cost model's time for the same rounds / the measured time, both from the end of
+    the first round on (the first round holds both prefills and the first tree; TTFT reports it), each
+    round timed by the model with the run's own tokens per pass and overlap hit rate; tokens/s ratios
+    for the same tokens are the same number. Idle ms per round: the target's (the accelerator's gaps
+    between passes when simulated, else Stats.target_idle_s: its waiting for the draft) and the draft's.
+    """
     dt = min(m.draft_ms, key=lambda t: abs(t - (draft_threads or max(m.draft_ms))))
     tt = max(m.verify_ms)
     predicted = measured = 0.0
-    rounds = tokens = hits = misses = 0
-    target_idle = draft_idle = 0.0
+    rounds = steady = hits = misses = gaps = 0
+    target_idle = draft_idle = accel_idle = 0.0
     for st in samples:
         r = int(st.get("rounds", 0))
         if not r:
@@ -227,17 +234,21 @@ def efficiency(m: cost.Measurements, samples: list[dict], width: int = 1, draft_
             hits, misses = hits + h, misses + mi
             row = cost.evaluate(m, mode, max(1, round(st["mean_budget"])), width, dt, tt, hit=hit,
                                 verify_n=1 + st["drafted"] / r)
-        predicted += r * row.round_ms / 1000
-        measured += max(1e-9, st["wall_s"] - st["prefill_s"])
+        if r > 1:
+            predicted += (r - 1) * row.round_ms / 1000
+            measured += max(1e-9, st["wall_s"] - st["ttft_s"])
+            steady += r - 1
         rounds += r
-        tokens += int(st["new_tokens"])
         target_idle += st.get("target_idle_s", 0.0)
         draft_idle += st.get("draft_idle_s", 0.0)
-    if not rounds:
+        if "accelerator_gaps" in st:
+            gaps += int(st["accelerator_gaps"])
+            accel_idle += float(st["accelerator_idle_s"])
+    if not steady:
         return {}
-    return dict(efficiency=round(predicted / measured, 4), predicted_tps=round(tokens / predicted, 3),
-                measured_decode_tps=round(tokens / measured, 3), rounds=rounds,
-                target_idle_ms_per_round=round(1000 * target_idle / rounds, 3),
+    return dict(efficiency=round(predicted / measured, 4), predicted_round_ms=round(1000 * predicted / steady, 2),
+                measured_round_ms=round(1000 * measured / steady, 2), rounds=rounds,
+                target_idle_ms_per_round=round(1000 * (accel_idle / gaps if gaps else target_idle / rounds), 3),
                 draft_idle_ms_per_round=round(1000 * draft_idle / rounds, 3),
                 overlap_hit_rate=round(hits / (hits + misses), 4) if hits + misses else None)
 

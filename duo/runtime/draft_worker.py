@@ -178,8 +178,7 @@ class DraftClient:
         self._check_open()
         self._check_key(budget, width, shape)
         self._unsent.extend(int(t) for t in delta)
-        deadline = time.monotonic() + timeout
-        self._drain(deadline, timeout)
+        deadline = self._drain(time.monotonic() + timeout, timeout)
         self._key = (budget, width, shape)
         rnd = self._send(ch.CMD_TREE, self._unsent, budget, width, shape)
         self._unsent = []
@@ -193,8 +192,7 @@ class DraftClient:
     def ping(self, timeout: float = 5.0) -> float:
         """One PING exchange; returns the round-trip seconds."""
         self._check_open()
-        deadline = time.monotonic() + timeout
-        self._drain(deadline, timeout)
+        deadline = self._drain(time.monotonic() + timeout, timeout)
         t0 = time.perf_counter()
         rnd = self._send(ch.CMD_PING)
         self._wait(rnd, deadline, timeout)
@@ -225,10 +223,13 @@ class DraftClient:
         self._chan.req.release()
         return self._round
 
-    def _drain(self, deadline: float, period: float | None = None) -> None:
-        """Wait for the response still owed by an earlier request (a timed-out one, or START)."""
-        if self._outstanding is not None:
-            self._wait(self._outstanding, deadline, period)
+    def _drain(self, deadline: float, period: float | None = None) -> float:
+        """Wait for the response still owed by an earlier request (a timed-out one, or START).
+        Returns the deadline for the next wait: an answer is progress, so a fresh period after one."""
+        if self._outstanding is None:
+            return deadline
+        self._wait(self._outstanding, deadline, period)
+        return deadline if period is None else max(deadline, time.monotonic() + period)
 
     def _wait(self, rnd: int, deadline: float, period: float | None = None) -> None:
         """Block (no polling: the watcher thread posts ``resp`` when the worker dies) until the
@@ -345,8 +346,8 @@ class LlamaError(RuntimeError):
         self.code = code
 
 
-FAULTS = ("raise_at_decode", "hang_at_decode", "exit_at_decode", "bad_round", "bad_token", "bad_parent",
-          "bad_length")
+FAULTS = ("raise_at_decode", "hang_at_decode", "exit_at_decode", "slow_decode", "bad_round", "bad_token",
+          "bad_parent", "bad_length")
 
 
 class Fault:
@@ -357,6 +358,7 @@ class Fault:
                        raises, as a failing llama.cpp would
     hang_at_decode:n   the n-th llama_decode never returns (the process stays alive, sleeping)
     exit_at_decode:n   the process exits at the n-th llama_decode (a crash inside llama.cpp)
+    slow_decode:n      every llama_decode takes n ms longer (slow, not hung)
     bad_round:n        the n-th tree reply names another round
     bad_token:n        the n-th tree reply holds a token id outside the vocabulary
     bad_parent:n       the n-th tree reply holds a parent index that is not an earlier node
@@ -368,11 +370,14 @@ class Fault:
         if kind not in FAULTS or not n.isdigit() or int(n) < 1:
             raise ValueError(f"fault must be '<kind>:<n>' with kind in {FAULTS} and n >= 1, not {spec!r}")
         self.kind, self.n, self.count = kind, int(n), 0
-        self.at_decode = kind.endswith("_at_decode")
+        self.at_decode = kind.endswith("_decode")
         self.parent = os.getppid()
 
     def before_decode(self) -> None:
         if not self.at_decode:
+            return
+        if self.kind == "slow_decode":
+            time.sleep(self.n / 1000)
             return
         self.count += 1
         if self.count < self.n:

@@ -238,6 +238,8 @@ class SimCounters:
     busy_s: float = 0.0        # simulated accelerator time (prefill + forwards)
     prefill_s: float = 0.0
     overrun_s: float = 0.0     # host work of a pass beyond the accelerator's time (should stay ~0)
+    idle_s: float = 0.0        # the accelerator idle between passes, from the end of a generation's first
+    gaps: int = 0              # pass on (steady state: its prefill and first tree excluded), and how often
 
 
 class SimulatedTarget:
@@ -254,6 +256,7 @@ class SimulatedTarget:
         self.directory, self.use_cache = directory, use_cache
         self.counters = SimCounters()
         self._records: dict[tuple, Record] = {}
+        self._last_end: float | None = None   # end of the previous pass of this generation
         self.ops = SimpleNamespace(new_cache=SimCache, prefill=self._prefill, cache_length=_cache_length,
                                    forward_tree=self._forward_tree, choose_tokens=_choose_tokens,
                                    compact_cache=_compact_cache)
@@ -298,6 +301,7 @@ class SimulatedTarget:
 
     def _prefill(self, tm, cache: SimCache, tokens, chunk: int = 512) -> None:
         t0 = time.perf_counter()
+        self._last_end = None
         if not cache.tokens:
             cache.prompt_len = len(tokens) + 1   # the prompt's last token is the first root
         cache.tokens.extend(int(t) for t in tokens)
@@ -330,9 +334,13 @@ class SimulatedTarget:
                     choices[k + 1] = rec[at + 1]
         cache.tokens.append(int(root))
         cache.tokens.extend(int(t) for t in tree.tokens)
+        if self._last_end is not None:
+            self.counters.idle_s += t0 - self._last_end
+            self.counters.gaps += 1
         self.counters.forwards += 1
         self.counters.forward_tokens += n + 1
         self._wait(t0, self.accelerator.forward_ms(n + 1))
+        self._last_end = time.perf_counter()
         return choices
 
 

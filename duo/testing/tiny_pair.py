@@ -22,9 +22,7 @@ A finished build is cached: calling again with the same parameters and
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -374,36 +372,6 @@ def _write_gguf(path: Path, *, arch, name, weights, tokens, merges, hp) -> None:
 # --------------------------------------------------------------------------- build
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Silence transformers' logging, warnings and progress bars (the GGUF loader's tqdm included)."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:
-        gguf_utils = None
-    old_tqdm = getattr(gguf_utils, "tqdm", None)
-    if old_tqdm is not None:
-        gguf_utils.tqdm = functools.partial(old_tqdm, disable=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        if old_tqdm is not None:
-            gguf_utils.tqdm = old_tqdm
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def _export_hf(root: Path, gguf_name: str, hf_dir: Path) -> None:
     """Load the GGUF with transformers (dense float32) and save model + tokenizer to ``hf_dir``.
 
@@ -420,7 +388,9 @@ def _export_hf(root: Path, gguf_name: str, hf_dir: Path) -> None:
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     except ImportError:
         pass
-    with _quiet_transformers():
+    from ..models import _quiet_transformers
+
+    with _quiet_transformers(verbose=False):
         tok = AutoTokenizer.from_pretrained(str(root), gguf_file=gguf_name)
         model = AutoModelForCausalLM.from_pretrained(str(root), gguf_file=gguf_name, dtype=torch.float32, **kwargs)
         # The weights are dense; drop the GGUF quantizer marker so save_pretrained accepts the model.

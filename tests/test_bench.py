@@ -1,0 +1,60 @@
+"""`duo bench` on the tiny pair: every method runs, rows carry the documented keys, greedy outputs of the
+speculative methods equal the target's, and the ratios are computed against `target`."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import datasets as ds
+from bench.run import markdown, parse_method, rows_json, run_bench
+
+KEYS = {"dataset", "method", "prompts", "new_tokens", "tokens_per_s", "speedup", "ttft_s", "mean_accepted_len",
+        "acceptance_rate", "exact"}
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "prompts.jsonl"
+    rows = [{"id": "a", "prompt": "a b c d"}, {"messages": [{"role": "user", "content": "def fib(n):"}]},
+            {"prompt": "x y z"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_user_jsonl_prompts(prompts_file):
+    got = ds.load(str(prompts_file), limit=2)
+    assert [p.id for p in got] == ["a", "1"]
+    assert got[1].messages == [{"role": "user", "content": "def fib(n):"}]
+    with pytest.raises(ValueError, match="unknown dataset"):
+        ds.load("no-such-dataset")
+
+
+def test_method_options():
+    assert parse_method("duo-sequential@chain,nolookup,b=8,w=2") == (
+        "duo-sequential", {"shape": "chain", "lookup": False, "budget": 8, "width": 2})
+    assert parse_method("duo") == ("duo", {})
+    with pytest.raises(ValueError, match="unknown method option"):
+        parse_method("duo@fast")
+
+
+def test_every_method_side_by_side(tiny_pair, prompts_file):
+    methods = ["target", "hf-prompt-lookup", "duo-sequential@chain,b=4", "duo-overlap", "duo"]
+    rows = run_bench([str(prompts_file)], methods, limit=None, max_new=12, model=str(tiny_pair.target_hf_dir),
+                     draft=str(tiny_pair.draft_gguf), device="cpu", log=lambda s: None)
+    assert [r.method for r in rows] == methods
+    out = rows_json(rows)
+    for r in out:
+        assert KEYS <= set(r), KEYS - set(r)
+        assert r["prompts"] == 3 and 0 < r["new_tokens"] <= 36 and r["tokens_per_s"] > 0
+    base = out[0]
+    assert base["speedup"] == pytest.approx(1.0) and base["exact"] is None
+    for r in out[1:]:
+        assert r["exact"] is True, (r["method"], r["mismatches"])       # greedy: the target's own tokens
+        assert r["speedup"] == pytest.approx(r["tokens_per_s"] / base["tokens_per_s"])
+    duo_rows = [r for r in out if r["method"].startswith("duo")]
+    assert all(r["mean_accepted_len"] >= 1 and 0 <= r["acceptance_rate"] <= 1 for r in duo_rows)
+    assert all(set(r["extra"]["round_ms"]) == {"round", "verify", "wait_for_draft", "other", "draft_idle"}
+               for r in duo_rows)
+    table = markdown(rows)
+    assert table.count("\n| ") >= len(methods) and "Where one round's time goes" in table

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from duo.testing.tiny_pair import SPECIAL_TOKENS, _quiet_transformers, build_tiny_pair, build_vocab, reference_weights
+from duo.testing.tiny_pair import SPECIAL_TOKENS, build_tiny_pair, build_vocab, reference_weights
+from duo.models import _quiet_transformers
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -40,7 +41,7 @@ def _hf_tokenizer(pair):
 def _load_hf_model(path):
     from transformers import AutoModelForCausalLM
 
-    with _quiet_transformers():
+    with _quiet_transformers(verbose=False):
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 

@@ -443,8 +443,11 @@ def test_interrupt_prints_what_was_generated_and_leaves_no_process(flags, engine
     long_prompt = "a b c d"  # the tiny target's greedy answer to it runs for 268 tokens (--raw)
     full = engine.generate(long_prompt, max_new_tokens=200, chat=False)
     assert full.stats["new_tokens"] == 200, "the run must still be going when it is interrupted"
+    # as from a terminal: SIGINT at its default even when this test runs as a background job (which starts
+    # with SIGINT ignored, inherited by the child, so Ctrl-C could never reach it)
     proc = subprocess.Popen([sys.executable, "-m", "duo", "run", *flags, "-n", "1500", "--raw", long_prompt],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.set_blocking(proc.stdout.fileno(), False)
     got, deadline = b"", time.monotonic() + 120
     while len(got) < 8:

@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import os
+import random
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -70,8 +71,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in io.StringIO(raw.decode("utf-8")) if line.strip()]
 
 
-def load(name: str, limit: int | None = None) -> list[Prompt]:
-    """Prompts of a named dataset (mt-bench, mt-bench-2, humaneval, gsm8k) or of a user JSONL file.
+def load(name: str, limit: int | None = None, seed: int | None = None) -> list[Prompt]:
+    """Prompts of a named dataset (mt-bench, mt-bench-2, humaneval, gsm8k) or of a user JSONL file;
+    `seed` shuffles them (reproducibly) before the first `limit` are taken, None keeps the file's order.
 
     A user file has one object per line with "prompt" (text) or "messages" (chat messages).
     """
@@ -89,6 +91,8 @@ def load(name: str, limit: int | None = None) -> list[Prompt]:
         for i, r in enumerate(read_jsonl(path)):
             msgs = r.get("messages") or [{"role": "user", "content": r["prompt"]}]
             prompts.append(Prompt(str(r.get("id", i)), msgs))
+    if seed is not None:
+        random.Random(seed).shuffle(prompts)
     return prompts[:limit] if limit else prompts
 
 

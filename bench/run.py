@@ -6,6 +6,7 @@ generate, target alone) is the baseline of every ratio and the reference of ever
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -144,7 +145,22 @@ def markdown(rows: list[Row]) -> str:
             line += (f" {x.get('plan', '-')} | {x.get('efficiency', 0):.0%} | {x.get('target_idle_ms_per_round', 0):.1f} | "
                      f"{x.get('draft_idle_ms_per_round', 0):.1f} | {'-' if hit is None else f'{hit:.0%}'} |")
         lines.append(line)
-    timed = [r for r in rows if r.extra.get("round_ms")]
+    shared = [r for r in rows if r.extra.get("measured_as")]
+    if shared:
+        lines += ["", "; ".join(f"{r.dataset} {r.method} = {r.extra['measured_as']}" for r in shared)
+                  + ": the plan `duo run` picks here is the sequential schedule, the same engine and plan: measured once, "
+                  "reported under both names."]
+    wrong = [r for r in rows if r.mismatches]
+    if wrong:
+        lines += ["", "Greedy outputs different from the target's (prompt index in the dataset order used):"]
+        lines += [f"- {r.dataset} {r.method}: {', '.join(map(str, r.mismatches))}" for r in wrong]
+    drafted = [r for r in rows if r.accepted_per_position and not r.extra.get("measured_as")]
+    if drafted:
+        lines += ["", "Per-position acceptance, P(accepted depth >= d) per round, d = 1, 2, ...:", "",
+                  "| dataset | method | plan | P(depth >= d) |", "|---|---|---|---|"]
+        lines += [f"| {r.dataset} | {r.method} | {r.extra.get('plan', '-')} | "
+                  f"{' '.join(f'{p:.2f}' for p in r.accepted_per_position[:12])} |" for r in drafted]
+    timed = [r for r in rows if r.extra.get("round_ms") and not r.extra.get("measured_as")]
     if timed:
         lines += ["", "Where one round's time goes (ms per round; the draft's idle time overlaps the others):", "",
                   "| dataset | method | round | verify | wait for draft | other (exchange, Python) | draft idle |",
@@ -158,6 +174,13 @@ def markdown(rows: list[Row]) -> str:
 
 def rows_json(rows: list[Row]) -> list[dict]:
     return [asdict(r) for r in rows]
+
+
+def write_json(rows: list[Row], path: str | None) -> None:
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(rows_json(rows), f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 def progress(total: int, desc: str):
@@ -204,15 +227,21 @@ def parse_method(m: str) -> tuple[str, dict]:
 
 
 def run_bench(datasets: list[str], methods: list[str], *, limit: int | None, max_new: int, model=None, draft=None,
-              device="auto", dtype="auto", budget="auto", temperature: float = 0.0, seed: int = 0,
-              warmup: int = 1, log=print, engine_kw: dict | None = None, simulate=None) -> list[Row]:
+              device="auto", dtype="auto", budget="auto", temperature: float = 0.0, seed: int | None = None,
+              warmup: int = 1, log=print, engine_kw: dict | None = None, simulate=None,
+              on_dataset: Callable[[list[Row]], None] | None = None) -> list[Row]:
     """Run every method on every dataset's prompts; returns one Row per (dataset, method).
+
+    seed: shuffles each dataset before `limit` is applied (None: the dataset's own order) and seeds
+    sampling (0 when None). on_dataset(rows so far) is called after each dataset (partial results).
 
     simulate: SIMULATION: an accelerator profile (configs/accelerators.json): every method runs against
     the target replayed from its recorded output, timed like that accelerator (duo.runtime.simulate);
     rows get the pipeline efficiency and idle times in `extra`."""
     from bench import datasets as ds
     from duo import models
+
+    shuffle, seed = seed, seed or 0
 
     bad = [m for m in methods if m.split("@")[0] not in METHODS]
     if bad:
@@ -227,7 +256,7 @@ def run_bench(datasets: list[str], methods: list[str], *, limit: int | None, max
             raise UsageError(f"a simulated accelerator replays greedy decoding by duo itself: use temperature 0 and "
                              f"the methods {', '.join(SIMULATED_METHODS)}" + (f", not {', '.join(unsupported)}"
                                                                               if unsupported else ""))
-    prompts = {d: ds.load(d, limit) for d in datasets}
+    prompts = {d: ds.load(d, limit, seed=shuffle) for d in datasets}
     methods = sorted(methods, key=lambda m: m != "target")   # the reference runs first
     rows: list[Row] = []
     engine_kw = engine_kw or {}
@@ -257,6 +286,17 @@ def run_bench(datasets: list[str], methods: list[str], *, limit: int | None, max
                 engines[base_name] = Engine(model, draft, device=device, dtype=dtype, budget=budget,
                                             mode=DUO_MODES[base_name], progress=False, target_model=tm,
                                             simulate=accel, **engine_kw)
+        # `duo` runs as `duo run` would; where its plan is exactly duo-sequential's (the profile chose the
+        # sequential schedule) it is the same engine: measured once, reported under both names
+        same_as: dict[str, str] = {}
+        if "duo" in engines and "duo-sequential" in engines and "duo" in methods and "duo-sequential" in methods:
+            a, b = engines["duo"], engines["duo-sequential"]
+            if (a.plan, a.lookup, a.plan.mode) == (b.plan, b.lookup, "sequential"):
+                a.close()
+                engines["duo"], same_as["duo"] = b, "duo-sequential"
+                methods = sorted(methods, key=lambda m: (m != "target", m in same_as))
+                log("duo: the profiled plan is the sequential schedule, the same engine as duo-sequential: "
+                    "measured once, reported under both names")
         assistant = None
         if "hf-assisted" in methods:
             dref = models.resolve_draft(draft)
@@ -267,7 +307,7 @@ def run_bench(datasets: list[str], methods: list[str], *, limit: int | None, max
                 from duo.runtime.target import use_onednn_linears
                 use_onednn_linears(assistant)
         for m, e in engines.items():
-            if m.startswith("duo") and e._draft is not None:
+            if m.startswith("duo") and e._draft is not None and m not in same_as:
                 rtt = sorted(e._draft.ping() for _ in range(200))
                 log(f"{m}: channel round trip median {rtt[100] * 1e6:.0f} us, p99 {rtt[198] * 1e6:.0f} us; plan {e.plan}")
         sampling = dict(temperature=temperature, seed=seed) if temperature > 0 else {}
@@ -300,6 +340,12 @@ def run_bench(datasets: list[str], methods: list[str], *, limit: int | None, max
             encoded = [base.encode(p.messages) for p in plist]
             ref = None
             for m in methods:
+                if m in same_as:   # the same engine and plan as a method already measured on these prompts
+                    src = next(r for r in rows if r.dataset == d and r.method == same_as[m])
+                    row = Row(**{**asdict(src), "method": m, "extra": {**src.extra, "measured_as": same_as[m]}})
+                    rows.append(row)
+                    log(f"{d:10} {m:17} = {same_as[m]} (same plan, measured once)")
+                    continue
                 fn = method_fn(m)
                 for ids in encoded[:warmup]:      # warm-up (a short generation), not timed
                     method_fn(m, 16)(ids)
@@ -316,6 +362,11 @@ def run_bench(datasets: list[str], methods: list[str], *, limit: int | None, max
                                       accel)
                 if m == "target":
                     ref = samples
+                elif m.startswith("duo") and not accel:
+                    p, opts = engines[m.split("@")[0]].plan, parse_method(m)[1]
+                    row.extra["plan"] = (f"{p.mode} b={opts.get('budget', p.budget)}"
+                                         f"{'~' if p.adaptive and 'budget' not in opts else ''} "
+                                         f"w={opts.get('width', p.width)} {opts.get('shape', p.shape)}")
                 rows.append(row)
                 log(f"{d:10} {m:17} {row.tokens_per_s:6.2f} tok/s  accepted/pass {row.mean_accepted_len:.2f}"
                     + ("" if row.exact is None else f"  exact={row.exact}")
@@ -325,6 +376,8 @@ def run_bench(datasets: list[str], methods: list[str], *, limit: int | None, max
             for r in rows:
                 if r.dataset == d and base_row and base_row.tokens_per_s:
                     r.speedup = r.tokens_per_s / base_row.tokens_per_s
+            if on_dataset:
+                on_dataset(rows)
     finally:
         for e in engines.values():
             e.close()
@@ -357,11 +410,10 @@ def main(args) -> int:
                      draft=args.draft, device=args.device, dtype=args.dtype, budget=args.budget,
                      temperature=args.temperature, seed=args.seed,
                      log=lambda s: print(s, file=sys.stderr, flush=True),
-                     simulate=getattr(args, "simulate_accelerator", None))
+                     simulate=getattr(args, "simulate_accelerator", None),
+                     on_dataset=lambda rows: write_json(rows, args.json))   # partial results survive a crash
     print(markdown(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows_json(rows), f, indent=1)
+    write_json(rows, args.json)
     if args.plot:
         plot_speedups(rows, args.plot)
     return 0

@@ -129,7 +129,7 @@ def add_model_flags(p) -> None:
                    help="target dtype: auto, float32, bfloat16, float16")
 
 
-def add_generation_flags(p, *, default_max: int, sampling: bool) -> None:
+def add_generation_flags(p, *, default_max: int, sampling: bool, seed_help: str = "random seed for sampling") -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", "-n", type=_number(int, ">= 0", lo=0), default=default_max, metavar="N",
                    help=f"at most N new tokens (default {default_max})")
@@ -140,8 +140,7 @@ def add_generation_flags(p, *, default_max: int, sampling: bool) -> None:
                        metavar="P", help="nucleus sampling mass in (0, 1] (default 1)")
         g.add_argument("--top-k", type=_number(int, ">= 0 (0 = off)", lo=0), default=0, metavar="K",
                        help="sample among the K likeliest tokens (0 = off)")
-    g.add_argument("--seed", type=_number(int, ">= 0", lo=0), default=None if sampling else 0, metavar="S",
-                   help="random seed for sampling")
+    g.add_argument("--seed", type=_number(int, ">= 0", lo=0), default=None, metavar="S", help=seed_help)
     g.add_argument("--budget", type=_budget, default="auto", metavar="B",
                    help="drafted tokens per round: auto or B >= 1")
 
@@ -180,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="benchmark methods side by side on real datasets",
                        description="Every method on the same prompts in one run; ratios against the target alone.")
     add_model_flags(b)
-    add_generation_flags(b, default_max=128, sampling=False)
+    add_generation_flags(b, default_max=128, sampling=False,
+                         seed_help="shuffle each dataset with seed S before --limit (default: the dataset's own "
+                                   "order); also the sampling seed (default 0)")
     g = b.add_argument_group("bench")
     g.add_argument("--dataset", type=_list, default=["humaneval", "gsm8k", "mt-bench"], metavar="LIST",
                    help="humaneval, gsm8k, mt-bench, mt-bench-2 (second turns), or a JSONL file")

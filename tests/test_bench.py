@@ -30,6 +30,17 @@ def test_user_jsonl_prompts(prompts_file):
         ds.load("no-such-dataset")
 
 
+def test_seed_shuffles_before_limit(tmp_path):
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join(json.dumps({"id": str(i), "prompt": f"p{i}"}) + "\n" for i in range(50)))
+    ids = lambda got: [p.id for p in got]   # noqa: E731
+    assert ids(ds.load(str(path), limit=5)) == ["0", "1", "2", "3", "4"]   # no seed: the file's order
+    a, b = ds.load(str(path), limit=5, seed=7), ds.load(str(path), limit=5, seed=7)
+    assert ids(a) == ids(b) and ids(a) != ids(ds.load(str(path), limit=5))   # reproducible, shuffled
+    assert ids(ds.load(str(path), seed=7)[:5]) == ids(a)    # the limit takes the shuffled order's first N
+    assert sorted(ids(ds.load(str(path), seed=3)), key=int) == [str(i) for i in range(50)]
+
+
 def test_method_options():
     assert parse_method("duo-sequential@chain,nolookup,b=8,w=2") == (
         "duo-sequential", {"shape": "chain", "lookup": False, "budget": 8, "width": 2})
@@ -39,7 +50,7 @@ def test_method_options():
 
 
 def test_every_method_side_by_side(tiny_pair, prompts_file):
-    methods = ["target", "hf-prompt-lookup", "duo-sequential@chain,b=4", "duo-overlap", "duo"]
+    methods = ["target", "hf-assisted", "hf-prompt-lookup", "duo-sequential@chain,b=4", "duo-overlap", "duo"]
     rows = run_bench([str(prompts_file)], methods, limit=None, max_new=12, model=str(tiny_pair.target_hf_dir),
                      draft=str(tiny_pair.draft_gguf), device="cpu", log=lambda s: None)
     assert [r.method for r in rows] == methods
@@ -58,3 +69,16 @@ def test_every_method_side_by_side(tiny_pair, prompts_file):
                for r in duo_rows)
     table = markdown(rows)
     assert table.count("\n| ") >= len(methods) and "Where one round's time goes" in table
+
+
+def test_duo_with_the_sequential_plan_is_measured_once(tiny_pair, prompts_file):
+    """Without a saved profile `duo` on the tiny pair plans the sequential schedule: the same engine as
+    duo-sequential, so it is measured once and its row says so (numbers equal, not re-run)."""
+    rows = run_bench([str(prompts_file)], ["duo", "target", "duo-sequential"], limit=2, max_new=8,
+                     model=str(tiny_pair.target_hf_dir), draft=str(tiny_pair.draft_gguf), device="cpu",
+                     log=lambda s: None)
+    assert [r.method for r in rows] == ["target", "duo-sequential", "duo"]
+    seq, duo = rows[1], rows[2]
+    assert duo.extra["measured_as"] == "duo-sequential" and "measured_as" not in seq.extra
+    assert (duo.tokens_per_s, duo.new_tokens, duo.exact) == (seq.tokens_per_s, seq.new_tokens, True)
+    assert "duo = duo-sequential" in markdown(rows)

@@ -45,7 +45,7 @@ class Row:
 
 
 def hf_generate(model, ids, max_new, eos, **kw) -> Sample:
-    """transformers generate (greedy); TTFT measured with a one-token call beforehand is not fair, so
+    """transformers generate (greedy unless kw samples); TTFT measured with a one-token call beforehand is not fair, so
     TTFT here is the prefill+first step timed by a streamer."""
     from transformers.generation.streamers import BaseStreamer
 
@@ -64,7 +64,8 @@ def hf_generate(model, ids, max_new, eos, **kw) -> Sample:
     s = FirstToken()
     x = torch.tensor([ids], device=model.device)
     t0 = time.perf_counter()
-    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
+    kw.setdefault("do_sample", False)     # greedy unless the caller samples (do_sample=True, temperature=...)
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new,
                          eos_token_id=list(eos), pad_token_id=list(eos)[0], streamer=s, **kw)
     wall = time.perf_counter() - t0
     toks = out[0, len(ids):].tolist()

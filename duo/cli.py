@@ -263,6 +263,18 @@ def stats_line(st: dict) -> str:
             f"mode {st.get('mode')}" + (f"  fallback: {st['fallback']}" if st.get("fallback") else ""))
 
 
+def plan_line(engine) -> str:
+    """How this engine generates: the plan and where it came from, and the draft's llama.cpp configuration."""
+    p = engine.plan
+    if p.mode == "target" or engine.draft_ref is None:
+        return f"plan: the target alone, {p.target_threads} threads ({p.source})"
+    out = (f"plan: {p.mode}, budget {p.budget}{' (adaptive)' if p.adaptive else ''}, width {p.width}, {p.shape} "
+           f"tree, draft {p.draft_threads} / target {p.target_threads} threads ({p.source})")
+    v = engine.draft_llama
+    r = v.result(v.chosen) if v is not None else None
+    return out + (f"; draft in llama.cpp: {v.chosen}, {r.ms_per_token:.1f} ms/token" if r else "")
+
+
 def cmd_run(args) -> int:
     chat = args.chat or (args.prompt is None and sys.stdin.isatty())
     if chat:
@@ -289,6 +301,8 @@ def cmd_run(args) -> int:
         log.info("loaded %s + %s on %s in %.1fs; plan %s", engine.target.name,
                  engine.draft_ref.name if engine.draft_ref else "no draft", engine.target.device,
                  time.perf_counter() - t, engine.plan)
+        if args.stats:
+            print(f"duo: {plan_line(engine)}", file=sys.stderr, flush=True)
         if chat:
             return chat_loop(engine, args, gen)
         return run_once(engine, args, prompt, gen)

@@ -193,6 +193,7 @@ class Engine:
                  progress: bool = True, target_model=None, profile: str = "saved", simulate=None):
         self._closed = True
         self._draft = None
+        self.draft_llama = None     # llama_probe.Verdict: the llama.cpp configuration the draft runs with
         from . import models
         from .runtime import decode
         from .runtime.target import TargetError, load_target, resolve_device, resolve_dtype
@@ -274,6 +275,10 @@ class Engine:
             chosen.width = self.plan.width if self.plan.source == "user" else chosen.width
             chosen.shape, chosen.adaptive = self.plan.shape, self.plan.adaptive
             self.plan = chosen
+            if chosen.mode == "target" and mode == "auto":
+                log.warning("speculation is off: this machine's profile (%s) predicts the target alone to be "
+                            "fastest; re-measure with `duo profile`, or force it with --mode sequential",
+                            chosen.source)
 
     def _simulate(self, accelerator, plan: Plan | None) -> None:
         """SIMULATION: replace the target by its recorded self, timed like `accelerator`; without a given
@@ -286,9 +291,16 @@ class Engine:
 
     def _start_draft(self) -> None:
         from .runtime.draft_worker import DraftClient, DraftConfig, DraftError
+        from .runtime.llama_probe import llama_verdict, unusable_message
+        verdict = llama_verdict(self.draft_ref.gguf)   # which llama.cpp configuration runs on this CPU (cached)
+        if verdict.chosen is None:
+            raise DuoError(f"draft model {self.draft_ref.name}: {unusable_message(verdict)}")
+        self.draft_llama = verdict
+        log.info("%s", verdict.summary())
         cfg = DraftConfig(gguf_path=str(self.draft_ref.gguf), n_threads=self.plan.draft_threads,
                           cores=self.plan.draft_cores, n_ctx=self.context,
-                          max_nodes=max(64, 2 * self.plan.budget), max_seqs=max(8, self.plan.width + 1))
+                          max_nodes=max(64, 2 * self.plan.budget), max_seqs=max(8, self.plan.width + 1),
+                          extra_bufts=verdict.extra_bufts)
         try:
             self._draft = DraftClient(cfg)
         except DraftError as e:
@@ -349,9 +361,13 @@ class Engine:
         adaptive = self.plan.adaptive and overrides.get("budget") is None
         # a worker slower than 20x its profiled speed for the largest tree hangs
         timeout = max(2.0, 20 * 2 * b * self.plan.draft_ms_per_token / 1000)
+        own_cores = bool(self.plan.draft_cores and self.plan.target_cores
+                         and not set(self.plan.draft_cores) & set(self.plan.target_cores))
         cfg = DecodeConfig(max_new_tokens=max_new, sampling=sp, mode=self.plan.mode, budget=b,
                            width=self.plan.width, shape=self.plan.shape, lookup=self.lookup,
-                           draft_timeout_s=timeout, budget_range=(max(2, b // 4), 2 * b) if adaptive else None)
+                           draft_timeout_s=timeout, budget_range=(max(2, b // 4), 2 * b) if adaptive else None,
+                           draft_prefill_alongside=own_cores or bool(getattr(self.target, "simulated", False)),
+                           pause_when_slower=adaptive)
         for k, v in overrides.items():
             if v is not None:
                 setattr(cfg, k, v)
@@ -420,6 +436,7 @@ class Engine:
                 finally:
                     gen.close()
                     self._draft_failed = stats.fallback is not None and draft is not None
+                    _warn_if_not_speculating(stats, draft is not None)
 
     def stream(self, prompt: str | Messages | Sequence[int], *, max_new_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
@@ -503,6 +520,18 @@ class Engine:
             self.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+def _warn_if_not_speculating(stats, had_draft: bool) -> None:
+    """One warning line when speculation fell away (the worker died, hung, failed) or was paused for most
+    of the answer (the target alone was faster on this text); the stats say the same."""
+    if not had_draft or stats.stop_reason == "interrupted":
+        return
+    if stats.fallback is not None:
+        log.warning("speculation stopped, the rest was decoded by the target alone: %s", stats.fallback)
+    elif stats.new_tokens >= 16 and stats.plain_steps > stats.new_tokens / 2:
+        log.warning("speculation paused for %d of %d tokens: the target alone was faster on this text",
+                    stats.plain_steps, stats.new_tokens)
 
 
 def _simulation_call(fn, *args):

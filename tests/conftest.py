@@ -41,3 +41,35 @@ def tiny_pair_soft(tmp_path_factory):
     from duo.testing import build_tiny_pair
 
     return build_tiny_pair(_tiny_dir(tmp_path_factory, "soft"), arch="qwen2", logit_scale=2.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pair_q(tmp_path_factory):
+    """TinyPair (qwen2, hidden 256 / ffn 768) whose draft.gguf stores its weight matrices as Q4_0:
+    llama.cpp runs the draft on its quantized CPU kernels, repacked into the CPU_REPACK (or, on
+    Intel CPUs with AMX, the AMX) extra buffer type. The target stays F32. Builds in a few seconds."""
+    from duo.testing import build_tiny_pair
+    from duo.testing.tiny_pair import QUANT_DIMS
+
+    return build_tiny_pair(_tiny_dir(tmp_path_factory, "qwen2-q4_0"), arch="qwen2", draft_quant="q4_0", **QUANT_DIMS)
+
+
+@pytest.fixture(scope="session")
+def tiny_pair_q_load(tiny_pair_q):
+    """llama.cpp's own account of loading tiny_pair_q's draft with its defaults (extra buffer types
+    on), from a throwaway process: buffer types, repacked tensors, or the signal that killed it."""
+    from duo.testing.llama_log import llama_load_report
+
+    return llama_load_report(tiny_pair_q.draft_gguf)
+
+
+@pytest.fixture(scope="session")
+def extra_bufts_run(tiny_pair_q_load):
+    """Skip unless llama.cpp runs the quantized draft with its extra buffer types on this CPU (tests
+    that load it in-process, where a trapped AMX instruction would kill the whole session)."""
+    r = tiny_pair_q_load
+    if r.crashed:
+        pytest.skip(f"llama.cpp with extra buffer types is {r.crashed} on this CPU loading the Q4_0 draft")
+    if r.returncode != 0:
+        pytest.fail(f"llama.cpp could not run the Q4_0 draft (exit code {r.returncode}):\n{r.stderr}")
+    return r

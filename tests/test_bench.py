@@ -82,3 +82,13 @@ def test_duo_with_the_sequential_plan_is_measured_once(tiny_pair, prompts_file):
     assert duo.extra["measured_as"] == "duo-sequential" and "measured_as" not in seq.extra
     assert (duo.tokens_per_s, duo.new_tokens, duo.exact) == (seq.tokens_per_s, seq.new_tokens, True)
     assert "duo = duo-sequential" in markdown(rows)
+
+
+def test_sampling_runs_the_transformers_methods(tiny_pair, prompts_file):
+    """--temperature with hf-assisted / hf-prompt-lookup: transformers gets do_sample once (it raised a
+    TypeError when it was passed twice)."""
+    rows = run_bench([str(prompts_file)], ["target", "hf-assisted", "hf-prompt-lookup"], limit=1, max_new=6,
+                     temperature=0.7, seed=1, model=str(tiny_pair.target_hf_dir), draft=str(tiny_pair.draft_gguf),
+                     device="cpu", log=lambda s: None)
+    assert [r.method for r in rows] == ["target", "hf-assisted", "hf-prompt-lookup"]
+    assert all(r.prompts == 1 and 0 < r.new_tokens <= 6 for r in rows)

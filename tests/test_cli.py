@@ -263,10 +263,17 @@ def test_out_of_memory_while_generating(flags, in_process, monkeypatch, capsys):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
 
-    monkeypatch.setattr(decode, "forward_tree", oom)
+    prefill = decode.prefill
+    monkeypatch.setattr(decode, "prefill", oom)      # before the first token (which comes from the prefill)
     code = in_process(["run", *flags, PROMPT])
     out, err = capsys.readouterr()
     assert code == 1 and out == "", (code, out, err)
+    assert err.count("\n") == 1 and err.startswith("duo: error: out of memory while generating"), err
+    monkeypatch.setattr(decode, "prefill", prefill)
+    monkeypatch.setattr(decode, "forward_tree", oom)  # mid-answer: what was shown stays, then the error
+    code = in_process(["run", *flags, PROMPT])
+    out, err = capsys.readouterr()
+    assert code == 1 and len(out) <= 8, (code, out, err)
     assert err.count("\n") == 1 and err.startswith("duo: error: out of memory while generating"), err
 
 
@@ -318,7 +325,9 @@ def test_stop_stats_verbose_and_quiet(flags, reference):
     p = duo("run", *flags, "-n", N, "--stop", reference[cut], "--stop", "never-seen", "--stats", PROMPT)
     assert p.returncode == 0
     assert p.out == reference[:cut] + "\n"
-    assert len(p.err.splitlines()) == 1 and "tok/s" in p.err and "accept" in p.err, p.err
+    plan, stats = p.err.splitlines()                 # --stats: the plan it runs, then speed and acceptance
+    assert plan.startswith("duo: plan: ") and "(defaults)" in plan and "draft in llama.cpp" in plan, p.err
+    assert "tok/s" in stats and "accept" in stats and "fallback" not in stats, p.err
     p = duo("run", *flags, "-n", "4", "-v", PROMPT)
     assert p.returncode == 0 and "duo: loaded" in p.err and "prompt:" in p.err
     p = duo("run", *flags, "-n", "4", "-q", "--system", "You are terse.", PROMPT)

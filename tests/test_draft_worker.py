@@ -2,6 +2,7 @@
 channel latency and process / shared-memory life cycle."""
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -28,8 +29,73 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def draft_gguf(tiny_pair):
-    return str(tiny_pair.draft_gguf)
+def draft_gguf(request):
+    """The tiny F32 draft; tests parametrized with ``QUANT`` also run on the Q4_0 draft
+    (quantized kernels, weights in llama.cpp's CPU_REPACK / AMX extra buffer type)."""
+    if getattr(request, "param", "f32") == "f32":
+        return str(request.getfixturevalue("tiny_pair").draft_gguf)
+    request.getfixturevalue("extra_bufts_run")  # skips where they crash: `ref` loads it in this process
+    return str(request.getfixturevalue("tiny_pair_q").draft_gguf)
+
+
+# For the key correctness tests: also on the quantized draft (`draft_gguf` is parametrized indirectly).
+QUANT = pytest.mark.parametrize("draft_gguf", ["f32", "q4_0"], indirect=True)
+
+
+@functools.lru_cache(maxsize=None)
+def is_quantized(path: str) -> bool:
+    import gguf
+
+    return any(t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+               for t in gguf.GGUFReader(path).tensors)
+
+
+class ProbCheck:
+    """Worker probabilities against a fresh llama.cpp evaluation of the same prefix.
+
+    F32 draft: every one within ``tol``. Quantized draft: llama.cpp quantizes the activations to
+    int8 blocks before each quantized matmul, so the tiny float differences a different KV-cell
+    layout makes (the worker's cache after rollbacks and forks vs a fresh one) mostly vanish --
+    worker and fresh model agree to ~1e-8 -- but a value on a rounding boundary occasionally flips
+    by one step and moves a probability by up to a few 1e-2 (seen: 1 node in ~130 moved by 0.022;
+    replaying the worker's exact KV operations on an F32 copy of the same weights gives 6e-4 there,
+    so the cache is right). Hence a few outliers (each under ``outlier_tol``; at most one, or
+    ``max_outliers`` of all) are allowed, while a real bug (wrong cells or positions: most
+    probabilities off) still fails.
+    """
+
+    def __init__(self, draft_gguf: str, tol: float = 1e-3):
+        self.tol = tol
+        self.outlier_tol = 5e-2 if is_quantized(draft_gguf) else None
+        self.max_outliers = 0.05
+        self.n = 0
+        self.outliers: list = []
+
+    def close(self, got: float, want: float, what="") -> bool:
+        """Check one probability; True when it is within ``tol`` (not an outlier)."""
+        self.n += 1
+        err = abs(float(got) - float(want))
+        if err < self.tol:
+            return True
+        assert self.outlier_tol is not None and err < self.outlier_tol, (what, float(got), float(want))
+        self.outliers.append((what, err))
+        return False
+
+    def top(self, tokens, p, what="") -> None:
+        """``tokens`` are the len(tokens) most probable under ``p`` (up to swaps at outlier-sized ties)."""
+        k = len(tokens)
+        ranked = np.argsort(-p, kind="stable")[:k]
+        if sorted(tokens) == sorted(ranked.tolist()):
+            return
+        assert self.outlier_tol is not None, (what, sorted(tokens), sorted(ranked.tolist()))
+        kth = p[ranked[-1]]
+        assert all(p[t] > kth - self.outlier_tol for t in tokens), (what, sorted(tokens), sorted(ranked.tolist()))
+        self.outliers.append((what, "rank"))
+
+    def done(self) -> None:
+        if self.outliers:
+            print(f"\n{len(self.outliers)} of {self.n} probabilities off by more than {self.tol}: {self.outliers}")
+        assert len(self.outliers) <= max(1.0, self.max_outliers * self.n), self.outliers
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +134,8 @@ class Ref:
 
 
 def cfg(path, **kw) -> DraftConfig:
+    if is_quantized(path):  # the worker on the kernels `ref` runs: llama.cpp's default, repacked weights
+        kw.setdefault("extra_bufts", True)
     return DraftConfig(gguf_path=path, n_threads=1, n_ctx=1024, max_nodes=64, max_seqs=8, load_timeout_s=60, **kw)
 
 
@@ -81,10 +149,10 @@ def assert_clean(pid: int) -> None:
     assert my_segments() == []
 
 
-def same_tree(a: Tree, b: Tree) -> None:
+def same_tree(a: Tree, b: Tree, atol: float = 1e-4) -> None:
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.parents, b.parents)
-    np.testing.assert_allclose(a.probs, b.probs, atol=1e-4)
+    np.testing.assert_allclose(a.probs, b.probs, atol=atol)
 
 
 def path_tokens(tree: Tree, i: int) -> list[int]:
@@ -96,6 +164,7 @@ def path_tokens(tree: Tree, i: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------ KV cache
+@QUANT
 def test_chain_equals_fresh_greedy_across_rollbacks(draft_gguf, ref):
     rng = np.random.default_rng(0)
     V = ref.n_vocab
@@ -103,6 +172,7 @@ def test_chain_equals_fresh_greedy_across_rollbacks(draft_gguf, ref):
     committed = list(prompt)
     budget = 6
     bound = len(prompt)  # tokens a prefix-reusing worker may decode at most
+    check = ProbCheck(draft_gguf, tol=2e-3)
     with DraftClient(cfg(draft_gguf)) as c:
         c.start(prompt, overlap=False)
         delta: list[int] = []
@@ -112,7 +182,7 @@ def test_chain_equals_fresh_greedy_across_rollbacks(draft_gguf, ref):
             bound += len(delta) + 1 + budget
             expect = ref.greedy(committed, budget)
             assert tree.tokens.tolist() == expect, f"round {r}"
-            np.testing.assert_allclose(tree.probs[0], ref.probs(committed)[expect[0]], atol=2e-3)  # f16 KV, batch-shape rounding
+            check.close(tree.probs[0], ref.probs(committed)[expect[0]], r)  # f16 KV, batch-shape rounding
             kind = r % 3
             if kind == 0:    # accept a prefix, then the target's own (different) token
                 k = int(rng.integers(0, budget))
@@ -123,6 +193,7 @@ def test_chain_equals_fresh_greedy_across_rollbacks(draft_gguf, ref):
             else:            # something unrelated
                 delta = rng.integers(0, V, int(rng.integers(1, 5))).tolist()
         st = c.stats
+    check.done()
     assert st.rollbacks >= 5
     assert 0 < st.n_decoded <= bound, (st.n_decoded, bound)
     assert st.n_requests == 10
@@ -141,12 +212,14 @@ def test_timeout_keeps_delta_semantics(draft_gguf, ref):
 
 
 # ------------------------------------------------------------------------------------ shapes
+@QUANT
 @pytest.mark.parametrize("shape", ["dynamic", "eagle"])
 def test_tree_shapes_are_valid_and_match_fresh_probs(draft_gguf, ref, shape):
     rng = np.random.default_rng(2)
     V = ref.n_vocab
     prompt = rng.integers(3, V, 16).tolist()
     committed = list(prompt)
+    check = ProbCheck(draft_gguf)
     with DraftClient(cfg(draft_gguf)) as c:
         c.start(prompt, overlap=False)
         delta: list[int] = []
@@ -167,15 +240,15 @@ def test_tree_shapes_are_valid_and_match_fresh_probs(draft_gguf, ref, shape):
             # every node's probability is the fresh model's conditional probability of its token
             for i in range(len(tree)):
                 p = ref.probs(committed + path_tokens(tree, i)[:-1])
-                assert abs(float(tree.probs[i]) - p[tree.tokens[i]]) < 1e-3, (r, i)
+                check.close(tree.probs[i], p[tree.tokens[i]], (r, i))
                 sib = kids[int(tree.parents[i]) + 1]
                 if shape == "eagle" or tree.parents[i] >= 0:  # children are the top tokens, best first
-                    ranked = np.argsort(-p, kind="stable")[:len(sib)]
-                    assert sorted(int(tree.tokens[j]) for j in sib) == sorted(ranked.tolist())
+                    check.top([int(tree.tokens[j]) for j in sib], p, (r, i))
             # accept part of the top path, then a random target token
             path = top_path(tree)
             k = int(rng.integers(0, len(path) + 1))
             delta = [int(tree.tokens[j]) for j in path[:k]] + [int(rng.integers(0, V))]
+    check.done()
 
 
 def test_dynamic_branching_rule(draft_gguf, ref):
@@ -202,6 +275,7 @@ def test_split_budget():
 
 
 # ------------------------------------------------------------------------------------ overlap
+@QUANT
 @pytest.mark.parametrize("shape,width", [("chain", 1), ("dynamic", 4), ("eagle", 3)])
 def test_overlap_hits_equal_fresh_trees(draft_gguf, ref, shape, width):
     rng = np.random.default_rng(4)
@@ -211,7 +285,7 @@ def test_overlap_hits_equal_fresh_trees(draft_gguf, ref, shape, width):
         a.start(prompt, overlap=True, budget=budget, width=width, shape=shape)
         b.start(prompt, overlap=False)
         committed = list(prompt)
-        delta: list[int] = []
+        delta = ref.greedy(committed, 1)   # the target's first token, from its prefill: the draft guessed it
         expected_hits = 0
         for r in range(6):
             if r % 2:
@@ -219,7 +293,9 @@ def test_overlap_hits_equal_fresh_trees(draft_gguf, ref, shape, width):
             ta = a.request_tree(delta, budget, width, timeout=30, shape=shape)
             tb = b.request_tree(delta, budget, width, timeout=30, shape=shape)
             committed += delta
-            same_tree(ta, tb)
+            # same tokens and shape; the probabilities within 1e-3: drafted ahead, the root and the first
+            # token are decoded in batches of 1 (the first token was a guess), fresh in one batch of 2
+            same_tree(ta, tb, atol=1e-3)
             path = [int(ta.tokens[i]) for i in top_path(ta)]
             if r == 3:  # the target disagrees: a miss
                 delta = path[:1] + [(ref.greedy(committed + path[:1], 1)[0] + 1) % ref.n_vocab]
@@ -227,7 +303,7 @@ def test_overlap_hits_equal_fresh_trees(draft_gguf, ref, shape, width):
                 delta = path + ref.greedy(committed + path, 1)
                 expected_hits += 1
         st = a.stats
-    assert st.overlap_hits >= expected_hits  # the first request (delta []) is a hit too
+    assert st.overlap_hits >= expected_hits  # the first request (the first token) is a hit too
     assert st.overlap_misses >= 1
     assert b.stats.overlap_hits == 0
 

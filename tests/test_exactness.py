@@ -89,6 +89,7 @@ def test_greedy_equals_target_alone(engine):
         ref = cut_at_eos(ref, tm.eos_ids)
         assert_exact_or_near_tie(res.token_ids, ref, logits, what=repr(p))
         assert res.stats["new_tokens"] == len(res.token_ids)
+        assert res.stats["fallback"] is None, res.stats["fallback"]   # the draft ran: equality is not trivial
         total_drafted += res.stats["drafted"]
         total_accepted += res.stats["accepted"]
     # the tiny draft agrees only part of the time: both acceptance and rejection must be exercised
@@ -119,18 +120,49 @@ def test_length_limit_and_zero(engine):
     assert engine.generate(PROMPTS[0], max_new_tokens=0).token_ids == []
 
 
+# The Q4_0 draft: llama.cpp's quantized kernels (CPU_REPACK / AMX buffer types, where the worker's probe
+# finds they run on this CPU) behind the worker.
+Q_CONFIGS = [("sequential", 16, "dynamic"), ("overlap", 8, "eagle")]
+
+
+@pytest.fixture(scope="module", params=Q_CONFIGS, ids=lambda c: f"q4_0-{c[0]}-b{c[1]}-{c[2]}")
+def engine_q(request, tiny_pair_q):
+    mode, budget, shape = request.param
+    with Engine(str(tiny_pair_q.target_hf_dir), str(tiny_pair_q.draft_gguf), device="cpu", mode=mode,
+                budget=budget, shape=shape, progress=False) as e:
+        yield e
+
+
+def test_greedy_equals_target_alone_quantized_draft(engine_q):
+    """Greedy duo output equals the target alone with a quantized draft, and speculation really ran."""
+    tm = engine_q.target
+    drafted = accepted = 0
+    for p in PROMPTS[:6]:
+        ids = engine_q.encode(p)
+        res = engine_q.generate(p, max_new_tokens=32)
+        ref, logits = reference_greedy(tm, ids, 32)
+        ref = cut_at_eos(ref, tm.eos_ids)
+        assert_exact_or_near_tie(res.token_ids, ref, logits, what=repr(p))
+        assert res.stats["fallback"] is None, res.stats["fallback"]
+        drafted += res.stats["drafted"]
+        accepted += res.stats["accepted"]
+    assert drafted > 0 and 0 < accepted < drafted, (drafted, accepted)
+
+
 def test_seeded_sampling_equals_target_alone(tiny_pair):
     """Position-keyed randomness: a seeded speculative run samples exactly what the target alone samples."""
     kw = dict(max_new_tokens=24, temperature=0.8, top_p=0.95)
     with Engine(str(tiny_pair.target_hf_dir), str(tiny_pair.draft_gguf), device="cpu", mode="sequential",
                 budget=12, progress=False) as spec, \
             Engine(str(tiny_pair.target_hf_dir), device="cpu", mode="target", progress=False) as alone:
-        differ = 0
+        differ = accepted = 0
         for seed, p in enumerate(PROMPTS[:10]):
-            a = spec.generate(p, seed=seed, **kw).token_ids
+            res = spec.generate(p, seed=seed, **kw)
+            assert res.stats["fallback"] is None, res.stats["fallback"]
+            accepted += res.stats["accepted"]
             b = alone.generate(p, seed=seed, **kw).token_ids
-            differ += a != b
-        assert differ == 0
+            differ += res.token_ids != b
+        assert differ == 0 and accepted > 0
         # and the same seed twice gives the same text; another seed (almost surely) does not
         assert spec.generate(PROMPTS[0], seed=1, **kw).token_ids == spec.generate(PROMPTS[0], seed=1, **kw).token_ids
 

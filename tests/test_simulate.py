@@ -88,22 +88,22 @@ def test_forward_tree_answers_from_the_record():
     sim._records[tuple(prompt)] = S.Record([10, 11, 12, 13, 14], "length", 5, "fake", "h", 3)
     ops = sim.ops
     cache = ops.new_cache()
-    ops.prefill(sim, cache, prompt[:-1])
-    # root 7; tree: 10 -> 11 -> 99, 10 -> 12, 42
-    tree = Tree([10, 11, 99, 12, 42], [-1, 0, 1, 0, -1], np.ones(5))
-    ch = ops.forward_tree(sim, cache, 7, tree)
-    assert ch.tolist() == [10, 11, 12, S.NO_TOKEN, S.NO_TOKEN, S.NO_TOKEN]
-    assert ops.cache_length(cache) == 2 + 1 + 5
-    ops.compact_cache(cache, 3, [0, 1])          # accepted 10, 11; bonus 12
-    assert cache.tokens == [5, 6, 7, 10, 11]
-    ch = ops.forward_tree(sim, cache, 12, Tree([13, 14], [-1, 0], np.ones(2)))
-    assert ch.tolist() == [13, 14, S.NO_TOKEN]   # beyond the record: no token
+    assert ops.prefill(sim, cache, prompt).tolist() == [10]   # the prompt's first token, as logits give it
+    # root 10; tree: 11 -> 12 -> 99, 11 -> 13, 42
+    tree = Tree([11, 12, 99, 13, 42], [-1, 0, 1, 0, -1], np.ones(5))
+    ch = ops.forward_tree(sim, cache, 10, tree)
+    assert ch.tolist() == [11, 12, 13, S.NO_TOKEN, S.NO_TOKEN, S.NO_TOKEN]
+    assert ops.cache_length(cache) == 3 + 1 + 5
+    ops.compact_cache(cache, 4, [0, 1])          # accepted 11, 12; bonus 13
+    assert cache.tokens == [5, 6, 7, 10, 11, 12]
+    ch = ops.forward_tree(sim, cache, 13, Tree([14], [-1], np.ones(1)))
+    assert ch.tolist() == [14, S.NO_TOKEN]       # beyond the record: no token
     with pytest.raises(S.SimulationError, match="left the recording"):
-        ops.compact_cache(cache, 6, [])
+        ops.compact_cache(cache, 7, [])
         ops.forward_tree(sim, cache, 99, Tree.empty())   # 99 was never the target's token
     assert sim.counters.forwards == 2 and sim.counters.gaps == 1   # the gap before the first pass is not steady
-    # prefill of 2 tokens (one pass), then passes over 6 and 3 tokens
-    assert sim.counters.busy_s == pytest.approx((2 + (2 + 5 * 0.5) + (2 + 2 * 0.5)) / 1000, rel=1e-6)
+    # prefill of 3 tokens (one pass), then passes over 6 and 2 tokens
+    assert sim.counters.busy_s == pytest.approx((2 + (2 + 5 * 0.5) + (2 + 1 * 0.5)) / 1000, rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------- (b) the overlap gain

@@ -215,3 +215,66 @@ def test_target_logits_are_peaked(pair):
           f"min {gap.min():.2e}")
     assert np.median(gap) > 0.5
     assert (gap < 1e-3).mean() < 0.01
+
+
+# --------------------------------------------------------------------------- quantized draft
+
+
+def test_quantized_draft_gguf(tiny_pair, tiny_pair_q):
+    """The Q4_0 draft stores its weight matrices as Q4_0 blocks (norms/biases F32) holding exactly
+    reference_weights(pair, "draft"); the F32 pairs' build key is what it always was."""
+    import gguf
+    from gguf.quants import dequantize
+
+    from duo.testing.tiny_pair import _hf_name
+
+    assert "draft_quant" not in tiny_pair.params and tiny_pair.draft_quant is None
+    assert tiny_pair_q.draft_quant == "q4_0" and tiny_pair_q.params["draft_quant"] == "q4_0"
+    r = gguf.GGUFReader(str(tiny_pair_q.draft_gguf))
+    assert r.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_0
+    assert r.fields["qwen2.embedding_length"].contents() == 256
+    ref = reference_weights(tiny_pair_q, "draft")
+    for t in r.tensors:
+        if len(t.shape) == 2:
+            assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0, t.name
+            np.testing.assert_array_equal(dequantize(t.data, t.tensor_type), ref[_hf_name(t.name)], err_msg=t.name)
+        else:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32, t.name
+    target = gguf.GGUFReader(str(tiny_pair_q.target_gguf))
+    assert all(t.tensor_type == gguf.GGMLQuantizationType.F32 for t in target.tensors)
+    t0 = time.monotonic()
+    assert build_tiny_pair(tiny_pair_q.root, **{k: v for k, v in tiny_pair_q.params.items() if k != "format"}) == tiny_pair_q
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_quantized_draft_agrees_with_target_part_of_the_time(tiny_pair_q, extra_bufts_run):
+    tokens = _random_tokens(tiny_pair_q, 256, seed=2)
+    target = _torch_logits(_hf_model(tiny_pair_q), tokens).argmax(-1)
+    draft = _llama_logits(tiny_pair_q.draft_gguf, tokens).argmax(-1)
+    rate = float((target == draft).mean())
+    print(f"\n[q4_0] draft/target greedy agreement: {rate:.3f} over {len(tokens)} positions")
+    assert 0.25 <= rate <= 0.75
+
+
+def test_quantized_draft_runs_on_cpu_extra_buffer_types(tiny_pair_q_load):
+    """llama.cpp's log says a CPU extra buffer type (CPU_REPACK, AMX) holds the Q4_0 draft's weight
+    matrices, so tests on tiny_pair_q exercise the repacked (or AMX) kernels, not just plain CPU ones."""
+    import platform
+
+    r = tiny_pair_q_load
+    if r.crashed:
+        pytest.skip(f"llama.cpp with its extra buffer types is {r.crashed} on this CPU (loading the Q4_0 draft)")
+    assert r.returncode == 0, f"llama.cpp could not run the Q4_0 draft (exit code {r.returncode}):\n{r.stderr}"
+    print("\n" + "\n".join(r.lines[:4]) + f"\n... ({len(r.repacked)} tensors repacked)")
+    if not r.extra:
+        if not r.has_repack and "AMX_INT8 = 1" not in r.system_info:
+            pytest.skip(f"this llama.cpp build has no CPU repack (or AMX) buffer type: {r.system_info.strip()}")
+        machine = platform.machine().lower()
+        kernel = ("AVX2 = 1" if machine in ("x86_64", "amd64") else
+                  "DOTPROD = 1" if machine in ("aarch64", "arm64") else None)
+        if kernel is None or kernel not in r.system_info:
+            pytest.skip(f"llama.cpp has no repacked Q4_0 kernel for this CPU ({machine}): {r.system_info.strip()}")
+    assert r.extra, "no CPU extra buffer type holds any weight; llama.cpp's buffers: " + "; ".join(r.lines)
+    assert r.buffers.get("CPU_Mapped", 0) > 0  # the token embedding (get_rows) stays in a plain buffer
+    if r.repacked:  # CPU_REPACK logs each tensor it repacks (AMX only at debug level)
+        assert {"blk.0.attn_q.weight", "blk.1.ffn_down.weight", "output.weight"} <= set(r.repacked), r.repacked

@@ -125,6 +125,11 @@ def format_report(profile: dict, path: Path | None = None) -> str:
         add(row)
     if target:
         add(f"  target-only: {target['tps']:.2f} tokens/s ({target['target_threads']} threads)")
+    probe = profile.get("measurements", {}).get("llama_probe")
+    if probe:
+        add("  draft in llama.cpp, " + f"{probe['threads']} threads: " + "; ".join(
+            f"{v['variant']} {v['ms_per_token']:.1f} ms/token" if v["ok"] else f"{v['variant']}: {v['error']}"
+            for v in probe["variants"]) + f"; duo uses {probe['chosen']}")
     add("")
     if ch["mode"] == "target":
         add(f"choice: target-only ({ch['target_threads']} threads), {ch['predicted_tps']:.2f} tokens/s predicted: "

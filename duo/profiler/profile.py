@@ -344,9 +344,17 @@ def create_profile(target=None, draft=None, device: str = "auto", dtype: str = "
     if progress:
         print(f"duo: profiling {'(quick) ' if s.quick else ''}{tref.name} + {dref.name} on {inv.device} "
               f"({n} cores)...", file=sys.stderr, flush=True)
+    from ..runtime.llama_probe import DraftUnusable, llama_verdict, unusable_message
+    verdict = llama_verdict(dref.gguf, refresh=True)   # which llama.cpp configuration runs here, re-measured
+    if progress:
+        print(f"duo: {verdict.summary()}", file=sys.stderr, flush=True)
+    if verdict.chosen is None:
+        raise DraftUnusable(unusable_message(verdict))
     tm = target_model or load_target(tref.hf_dir, device=device, dtype=dtype, name=tref.name, threads=n)
     models.check_vocab(dref.gguf, tm.tokenizer, dref.name, tref.name)
     meas = bench.run_benchmarks(tm, dref.gguf, prompt_list, s, progress=progress)
+    meas["llama_probe"] = {"chosen": verdict.chosen, "threads": verdict.threads,
+                           "variants": [dict(r.__dict__) for r in verdict.results]}
     profile = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -411,7 +419,7 @@ def plan_for(target_ref, draft_ref, device: str = "auto", dtype: str = "auto", m
             warn_changes(changes, "no profile for this machine and model pair; the closest saved one differs in")
         if not quick_if_missing:
             return None
-        log.warning("no profile yet: measuring this machine (quick, 1-2 minutes; `duo profile` runs the full one)")
+        log.warning("no profile yet: measuring this machine (quick, about 2 minutes on 2 cores; `duo profile` runs the full one)")
         prof, _ = create_profile(tref, dref, device, dtype, quick=True, target_model=target_model, progress=progress)
         return plan_from_profile(prof, mode, budget)
     except Exception as e:  # noqa: BLE001 - the engine falls back to its defaults

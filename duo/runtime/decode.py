@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from ..sampling import SamplingParams, UniformStream, choose_tokens
+from .governor import Governor, cap_budget
 from .lookup import lookup_tree, merge_trees
 from .target import TargetModel, accept_path, cache_length, compact_cache, forward_tree, new_cache, prefill
 from .tree import Tree
@@ -38,6 +39,8 @@ class DecodeConfig:
     lookup: bool = True             # add prompt-lookup (n-gram) candidates to the tree
     draft_timeout_s: float = 10.0   # a round's draft taking longer means the worker hangs
     budget_range: tuple[int, int] | None = None   # adapt the budget within this range as acceptance changes
+    draft_prefill_alongside: bool = False  # the draft has cores of its own: it prefills while the target does
+    pause_when_slower: bool = True  # decode plainly while speculation is slower than the target alone (governor)
 
 
 @dataclass
@@ -56,6 +59,8 @@ class Stats:
     draft_idle_s: float = 0.0        # draft worker waiting for the target
     accepted_from_lookup: int = 0
     budget_sum: int = 0              # drafted-node budgets asked for, summed over rounds
+    plain_steps: int = 0             # rounds decoded by the target alone while speculation was paused
+    pauses: int = 0                  # times speculation was paused for being slower than the target alone
     fallback: str | None = None
     stop_reason: str = ""
 
@@ -115,35 +120,65 @@ def generate_tokens(tm: TargetModel, draft, prompt: list[int], cfg: DecodeConfig
     t0 = time.perf_counter()
     stats.mode = cfg.mode if draft is not None else "target"
     u = UniformStream(cfg.sampling.seed)
-    use_draft = stats.mode != "target"
-    idle0 = 0.0
-    if use_draft:
-        try:
-            idle0 = draft.stats.idle_s
-            draft.start(prompt, overlap=cfg.mode == "overlap", budget=cfg.budget, width=cfg.width,
-                        shape=cfg.shape)  # the draft prefills while we do
+    use_draft, started = stats.mode != "target", False
+    gov = Governor()
+    idle0 = draft.stats.idle_s if use_draft else 0.0
+
+    def start_draft(committed: list[int]) -> bool:
+        nonlocal use_draft
+        try:   # returns at once: the worker prefills `committed` while we go on
+            draft.start(committed, overlap=cfg.mode == "overlap", budget=cfg.budget, width=cfg.width,
+                        shape=cfg.shape)
+            return True
         except Exception as e:  # noqa: BLE001 - any worker failure means: go on without it
             use_draft, stats.fallback = False, f"draft worker failed to start: {e}"
+            return False
+
+    if use_draft and cfg.draft_prefill_alongside:   # the draft has cores of its own: prefill side by side
+        started = start_draft(list(prompt))
+    # 0. prefill the whole prompt: its last position's logits are the first token, emitted at once
     cache = new_cache()
-    prefill(tm, cache, prompt[:-1])
+    logits = prefill(tm, cache, prompt)
+    new = [int(choose_tokens(logits, cfg.sampling, None if cfg.sampling.greedy else u.take([0]))[0])]
     stats.prefill_s = time.perf_counter() - t0
-    root, delta, n_new = int(prompt[-1]), [], 0
-    history = list(prompt)
-    budget, accepted_ema = cfg.budget, cfg.budget / 2
-    while n_new < cfg.max_new_tokens:
+    history, pending = list(prompt), []       # pending: committed since the draft's last request
+    budget, accepted_ema, cap = cfg.budget, cfg.budget / 2, cfg.budget
+    n_new = 0
+    while True:
+        # 4. commit (the prefill's token, then each round's path + bonus): emit up to EOS / the limit
+        eos_at = next((i for i, tok in enumerate(new) if tok in tm.eos_ids), None)
+        new = new[:eos_at + 1 if eos_at is not None else len(new)][:cfg.max_new_tokens - n_new]
+        n_new += len(new)
+        stats.new_tokens = n_new
+        history.extend(new)
+        pending.extend(new)
+        root = new[-1]
+        if n_new == len(new):
+            stats.ttft_s = time.perf_counter() - t0
+        stats.wall_s = time.perf_counter() - t0
+        yield new
+        if eos_at is not None or n_new >= cfg.max_new_tokens:
+            stats.stop_reason = "eos" if eos_at is not None else "length"
+            break
         remaining = cfg.max_new_tokens - n_new
+        speculate = use_draft and remaining > 1 and gov.speculate()
+        t_round, round_budget = time.perf_counter(), min(budget, cap)
         # 1. draft: a tree rooted at the last committed token (empty when not speculating)
         tree = Tree.empty()
-        if use_draft and remaining > 1:
+        if speculate and not started:   # the draft prefills after the target's first token, not alongside
+            started, pending = start_draft(list(history)), []
+        if speculate and use_draft:
             t = time.perf_counter()
             try:
-                tree = draft.request_tree(delta, budget, cfg.width, cfg.draft_timeout_s, cfg.shape)
+                tree = draft.request_tree(pending, round_budget, cfg.width, cfg.draft_timeout_s, cfg.shape)
                 tree.validate(tm.vocab_size)
+                pending = []
             except Exception as e:  # noqa: BLE001 - died, hung, raised or sent garbage: finish alone
                 use_draft, tree = False, Tree.empty()
                 stats.fallback = f"{type(e).__name__}: {e}"
-            stats.target_idle_s += time.perf_counter() - t
-        if cfg.lookup and stats.mode != "target" and remaining > 1:
+            wait = time.perf_counter() - t
+            stats.target_idle_s += wait
+        if cfg.lookup and stats.mode != "target" and remaining > 1 and (speculate or not use_draft):
             tree = merge_trees(tree, lookup_tree(history, max_nodes=max(4, budget // 2)), budget)
         if not tm.supports_tree and len(tree):
             tree = tree.top_chain()
@@ -156,31 +191,22 @@ def generate_tokens(tm: TargetModel, draft, prompt: list[int], cfg: DecodeConfig
         depth = np.concatenate([[0], tree.depths()]).astype(np.int64)
         choices = choose_tokens(logits, cfg.sampling, None if cfg.sampling.greedy else u.take(n_new + depth))
         path, bonus = accept_path(tree, choices)
-        # 4. commit: keep prefix + root + path in the cache; emit path + bonus
         compact_cache(cache, n_past + 1, path)
-        stats.verify_s += time.perf_counter() - t
+        verify_s = time.perf_counter() - t
+        stats.verify_s += verify_s
         new = [int(tree.tokens[k]) for k in path] + [bonus]
-        stats.record_round(tree, path, budget if use_draft else 0)
-        if cfg.budget_range:
+        stats.record_round(tree, path, round_budget if speculate else 0)
+        # the next round's plan: faster than the target alone? how big a tree?
+        if use_draft and cfg.pause_when_slower:
+            gov.record(speculate, len(new), time.perf_counter() - t_round)
+            if gov.plain_s is None and len(gov.spec) >= gov.window:
+                gov.measure_plain(2)          # learn the target-alone rate on this text
+        if speculate and cfg.budget_range:
             accepted_ema = 0.7 * accepted_ema + 0.3 * len(path)
             budget = adapt_budget(accepted_ema, *cfg.budget_range)
-        eos_at = next((i for i, tok in enumerate(new) if tok in tm.eos_ids), None)
-        if eos_at is not None:
-            new = new[:eos_at + 1]
-        new = new[:remaining]
-        n_new += len(new)
-        stats.new_tokens = n_new
-        history.extend(new)
-        root, delta = new[-1], new
-        if stats.rounds == 1:
-            stats.ttft_s = time.perf_counter() - t0
-        stats.wall_s = time.perf_counter() - t0
-        yield new
-        if eos_at is not None:
-            stats.stop_reason = "eos"
-            break
-    else:
-        stats.stop_reason = "length"
+        if speculate and use_draft and cfg.mode == "overlap" and cfg.budget_range:   # (a fixed budget stays)
+            cap = cap_budget(cap, round_budget, *cfg.budget_range, verify_s, wait)
     stats.wall_s = time.perf_counter() - t0
-    if use_draft:
+    stats.plain_steps, stats.pauses = gov.plain_steps, gov.pauses
+    if started and use_draft:
         stats.draft_idle_s = draft.stats.idle_s - idle0

@@ -58,6 +58,7 @@ class DraftConfig:
     max_nodes: int = 256             # tree capacity per round
     max_seqs: int = 8                # llama.cpp sequences (branches) available
     load_timeout_s: float = 120.0
+    extra_bufts: bool | None = None  # llama.cpp's extra buffer types (repack/AMX); None: as probed (llama_probe)
     fault: str | None = None         # tests only: inject a fault in the worker, see Fault (None: off)
 
 
@@ -317,18 +318,22 @@ def _shutdown(proc, chan: Channel, watcher: threading.Thread, hung=(False,)) -> 
 _LOG_TAIL: collections.deque = collections.deque(maxlen=32)  # last llama.cpp log lines, for error messages
 
 
-def _quiet_llama(llama_cpp) -> None:
-    """Route llama.cpp's log into _LOG_TAIL instead of stderr (unless DUO_VERBOSE=1)."""
-    if os.environ.get("DUO_VERBOSE") == "1":
+def _quiet_llama(llama_cpp, buffer_sink: list | None = None) -> None:
+    """Route llama.cpp's log into _LOG_TAIL instead of stderr (unless DUO_VERBOSE=1); with
+    `buffer_sink`, collect the buffer types that hold the model's weights ("CPU_REPACK", "CPU", ...)."""
+    if os.environ.get("DUO_VERBOSE") == "1" and buffer_sink is None:
         return
 
     keep = [False]
 
     def log(level, text, user_data):
-        # ggml levels: 3 WARN, 4 ERROR, 5 CONT (continues the previous line)
+        # ggml levels: 2 INFO, 3 WARN, 4 ERROR, 5 CONT (continues the previous line)
+        line = text.decode("utf-8", "replace") if text else ""
+        if buffer_sink is not None and "model buffer size" in line:
+            buffer_sink.append(line.split("model buffer size")[0].split(":")[-1].strip())
         keep[0] = level in (3, 4) or (level == 5 and keep[0])
         if keep[0]:
-            _LOG_TAIL.append(text.decode("utf-8", "replace") if text else "")
+            _LOG_TAIL.append(line)
 
     global _LOG_CB
     _LOG_CB = llama_cpp.llama_log_callback(log)  # keep a reference: C holds only the pointer
@@ -414,13 +419,22 @@ class Fault:
 class Drafter:
     """llama.cpp model + context + batch; ``seqs[s]`` mirrors the tokens at positions 0.. of sequence s."""
 
-    def __init__(self, cfg: DraftConfig):
+    def __init__(self, cfg: DraftConfig, log_sink: list | None = None):
         import llama_cpp as L
         self.L = L
-        _quiet_llama(L)
+        extra = cfg.extra_bufts
+        if extra is None:   # the configuration that runs (and runs fastest) on this CPU, probed once
+            from .llama_probe import DraftUnusable, extra_bufts_for
+            try:
+                extra = extra_bufts_for(cfg.gguf_path)
+            except DraftUnusable as e:
+                raise LlamaError(str(e), ch.ERR_LOAD) from e
+        _quiet_llama(L, log_sink)
         L.llama_backend_init()
         mp_ = L.llama_model_default_params()
         mp_.n_gpu_layers = 0  # the draft lives on the CPU, even in a GPU build
+        mp_.use_extra_bufts = bool(extra)
+        self.extra_bufts = bool(extra)
         self.model = L.llama_model_load_from_file(os.fsencode(cfg.gguf_path), mp_)
         if not self.model:
             raise LlamaError(f"failed to load GGUF {cfg.gguf_path!r}{_log_tail()}", ch.ERR_LOAD)
@@ -740,7 +754,7 @@ class Prep:
             self.tree = stop.value
 
 
-def draft_ahead(d: Drafter, committed: list[int], tree: Tree, key: tuple, prep: Prep):
+def draft_ahead(d: Drafter, committed: list[int], key: tuple, prep: Prep):
     """PEARL-style: assume the target accepts the top path and its bonus token is the draft's own
     top prediction after the leaf; draft the next tree from there."""
     path = prep.path
@@ -838,7 +852,7 @@ class Worker:
                     self.d.fault.corrupt_reply(chan, req.round, len(tree))
                 if self.overlap and req.budget > 0:
                     self.prep = Prep(key, None, path=[int(tree.tokens[i]) for i in top_path(tree)])
-                    self.prep.gen = draft_ahead(self.d, list(self.committed), tree, key, self.prep)
+                    self.prep.gen = draft_ahead(self.d, list(self.committed), key, self.prep)
             else:
                 raise LlamaError(f"unknown command {req.cmd}", ch.ERR_BAD_REQUEST)
         except Exception as e:
@@ -858,8 +872,9 @@ class Worker:
         self.committed = list(prompt)
         self.overlap = overlap
         run(sync(self.d, self.committed[:-1], need_logits=False))  # reuses any prefix still in the cache
-        if overlap and key[0] > 0:
-            self.prep = Prep(key, draft_tree(self.d, list(self.committed), *key), delta=[])
+        if overlap and key[0] > 0:   # the target emits its first token from its prefill: guess it, draft after it
+            self.prep = Prep(key, None, path=[])
+            self.prep.gen = draft_ahead(self.d, list(self.committed), key, self.prep)
 
     def tree(self, delta: list[int], key: tuple) -> Tree:
         self.n_requests += 1

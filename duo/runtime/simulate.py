@@ -299,15 +299,20 @@ class SimulatedTarget:
             self.counters.overrun_s -= left
         self.counters.busy_s += ms / 1000.0
 
-    def _prefill(self, tm, cache: SimCache, tokens, chunk: int = 512) -> None:
+    def _prefill(self, tm, cache: SimCache, tokens, chunk: int = 512) -> np.ndarray:
+        """The whole prompt; returns the target's first token (the recording's), as the real prefill's logits
+        give it."""
         t0 = time.perf_counter()
         self._last_end = None
         if not cache.tokens:
-            cache.prompt_len = len(tokens) + 1   # the prompt's last token is the first root
+            cache.prompt_len = len(tokens)
+            cache.record = self.record(list(tokens))
         cache.tokens.extend(int(t) for t in tokens)
         ms = self.accelerator.prefill_ms(len(tokens))
         self.counters.prefill_s += ms / 1000.0
         self._wait(t0, ms)
+        rec = cache.record.tokens
+        return np.array([rec[0] if rec else NO_TOKEN], dtype=np.int64)
 
     def _forward_tree(self, tm, cache: SimCache, root: int, tree: Tree) -> np.ndarray:
         """The target's choice after the root and after every node (no logits: the choices themselves)."""

@@ -146,15 +146,18 @@ def cache_length(cache) -> int:
 
 
 @torch.inference_mode()
-def prefill(tm: TargetModel, cache, tokens, chunk: int = 512) -> None:
-    """Append `tokens` to the cache (causal, in chunks to bound attention memory); no logits kept."""
+def prefill(tm: TargetModel, cache, tokens, chunk: int = 512) -> torch.Tensor | None:
+    """Append `tokens` to the cache (causal, in chunks to bound attention memory); returns the float32
+    logits [1, vocab] after the last token (the first generated token's), None for no tokens."""
     ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=tm.device)
+    out = None
     for s in range(0, len(ids), chunk):
         piece = ids[s:s + chunk][None]
         n_past = cache_length(cache)
         pos = torch.arange(n_past, n_past + piece.shape[1], device=tm.device)
-        tm.model(input_ids=piece, position_ids=pos[None], cache_position=pos, past_key_values=cache,
-                 use_cache=True, logits_to_keep=1)
+        out = tm.model(input_ids=piece, position_ids=pos[None], cache_position=pos, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1)
+    return None if out is None else out.logits[0, -1:].float()
 
 
 def ancestor_matrix(parents: np.ndarray) -> np.ndarray:

@@ -14,6 +14,15 @@
   same path real GGUF targets go through) and saved with ``save_pretrained``,
   tokenizer included.
 
+With ``draft_quant="q4_0"`` or ``"q8_0"`` the draft's 2-D weight matrices (embedding, attention,
+FFN, output) are stored quantized (norms and biases stay F32), so llama.cpp runs its quantized
+CPU kernels on the draft -- including its CPU "extra buffer types", which an F32 draft never
+touches: CPU_REPACK (Q4_0 interleaved as q4_0_8x8 for AVX2/AVX-512; Q8_0 is repacked on ARM
+only) and, on Intel CPUs with AMX, the AMX buffer type (Q4_0 and Q8_0). Use ``hidden=256,
+ffn=768`` (``QUANT_DIMS``): every weight matrix then has rows a multiple of 32 and K a multiple
+of 256, which all those kernels take. The target stays F32. With q4_0 at the default noise the
+draft's greedy choice agrees with the target's ~38% of the time (qwen2).
+
 The logits are peaked (logit std ~12, median top-1/top-2 gap ~2.5, 1st percentile
 ~0.06) so greedy decoding is insensitive to float rounding. Everything is deterministic in ``seed``.
 A finished build is cached: calling again with the same parameters and
@@ -40,6 +49,8 @@ __all__ = [
     "QWEN2_CHAT_TEMPLATE",
     "DEFAULT_DRAFT_NOISE",
     "reference_weights",
+    "DRAFT_QUANTS",
+    "QUANT_DIMS",
 ]
 
 # Bump when the output for the same parameters changes (invalidates caches).
@@ -48,6 +59,13 @@ FORMAT_VERSION = 1
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 DEFAULT_DRAFT_NOISE = 0.07
 DEFAULT_VOCAB_SIZE = 512  # including the 3 special tokens
+
+# draft_quant value -> the GGML type its 2-D weights are stored in (see build_tiny_pair).
+DRAFT_QUANTS = {"q8_0": "Q8_0", "q4_0": "Q4_0"}
+# Dimensions for a quantized draft that llama.cpp's CPU_REPACK (and AMX) buffer types take:
+# every weight matrix has rows % 32 == 0 and K % 256 == 0 (q4_0 8x8 repack wants rows % 8, AMX
+# out_features % 32, K a whole number of blocks).
+QUANT_DIMS = dict(hidden=256, ffn=768)
 
 # Qwen2's pre-tokenizer split (llama.cpp's "qwen2" pre-tokenizer uses the same regex).
 _QWEN2_SPLIT = (
@@ -166,6 +184,7 @@ class TinyPair:
     eos_token_id: int = -1
     bos_token_id: int = -1
     draft_noise: float = DEFAULT_DRAFT_NOISE
+    draft_quant: str | None = None  # None: F32 draft; "q4_0" / "q8_0": quantized 2-D weights
     params: dict = dataclasses.field(default_factory=dict, hash=False)  # build_tiny_pair's arguments
 
     @property
@@ -303,8 +322,33 @@ def reference_weights(pair: "TinyPair", which: str = "target") -> dict[str, np.n
                  n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"], ffn=p["ffn"],
                  logit_scale=p.get("logit_scale", _LOGIT_SCALE))
     target = _hf_weights(np.random.default_rng([p["seed"], 0]), **shape)
-    weights = _draft_weights(target, p["draft_noise"], p["seed"]) if which == "draft" else target
+    weights = target
+    if which == "draft":
+        weights = _draft_weights(target, p["draft_noise"], p["seed"])
+        if p.get("draft_quant"):  # what llama.cpp computes with: the quantized values
+            weights = {k: _roundtrip(v, p["draft_quant"]) for k, v in weights.items()}
     return {_hf_name(k): v.astype(np.float32) for k, v in weights.items()}
+
+
+def _qtype(draft_quant: str):
+    import gguf
+
+    return gguf.GGMLQuantizationType[DRAFT_QUANTS[draft_quant]]
+
+
+def _quantizes(arr: np.ndarray) -> bool:
+    """Which tensors a quantized draft stores quantized: the 2-D weight matrices (not norms/biases)."""
+    return arr.ndim == 2
+
+
+def _roundtrip(arr: np.ndarray, draft_quant: str) -> np.ndarray:
+    """``arr`` as the quantized draft stores it, dequantized (identity for norms and biases)."""
+    if not _quantizes(arr):
+        return arr
+    from gguf import quants
+
+    qt = _qtype(draft_quant)
+    return quants.dequantize(quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qt), qt)
 
 
 def _draft_weights(target: dict, draft_noise: float, seed: int) -> dict:
@@ -320,8 +364,10 @@ def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_gguf(path: Path, *, arch, name, weights, tokens, merges, hp) -> None:
+def _write_gguf(path: Path, *, arch, name, weights, tokens, merges, hp, quant: str | None = None) -> None:
+    """Write one model; with ``quant`` ("q4_0"/"q8_0") its 2-D weight matrices are stored quantized."""
     import gguf
+    from gguf import quants
 
     special = {t: i for i, t in enumerate(tokens) if t in SPECIAL_TOKENS}
     types = [
@@ -343,7 +389,8 @@ def _write_gguf(path: Path, *, arch, name, weights, tokens, merges, hp) -> None:
     if arch == "llama":
         w.add_rope_dimension_count(hd)
         w.add_vocab_size(len(tokens))
-    w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    qtype = _qtype(quant) if quant else None
+    w.add_file_type(int(gguf.LlamaFileType[f"MOSTLY_{qtype.name}"] if quant else gguf.LlamaFileType.ALL_F32))
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
     w.add_token_list(tokens)
@@ -362,7 +409,11 @@ def _write_gguf(path: Path, *, arch, name, weights, tokens, merges, hp) -> None:
             arr = _permute_qk(arr, hp["n_heads"])
         elif arch == "llama" and tname.endswith("attn_k.weight"):
             arr = _permute_qk(arr, hp["n_kv_heads"])
-        w.add_tensor(tname, np.ascontiguousarray(arr))
+        arr = np.ascontiguousarray(arr)
+        if qtype is not None and _quantizes(arr):
+            w.add_tensor(tname, quants.quantize(arr, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(tname, arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -416,6 +467,7 @@ def build_tiny_pair(
     draft_noise: float = DEFAULT_DRAFT_NOISE,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     logit_scale: float = _LOGIT_SCALE,
+    draft_quant: str | None = None,
 ) -> TinyPair:
     """Build (or return the cached) tiny target/draft pair in ``out_dir``.
 
@@ -423,11 +475,21 @@ def build_tiny_pair(
     permuted for llama.cpp's interleaved rope, as convert_hf_to_gguf does, which transformers'
     GGUF loader undoes). The draft is the target with each tensor ``W`` replaced by
     ``W + draft_noise * std(W) * N(0, 1)`` (noise drawn from its own stream of ``seed``).
+
+    ``draft_quant`` (``None``, ``"q8_0"`` or ``"q4_0"``) stores the draft's 2-D weight matrices
+    quantized to that GGML type (norms and biases stay F32); the quantization error adds to the
+    noise (relative ~0.085 for q4_0, ~0.005 for q8_0). Needs ``hidden`` and ``ffn`` multiples of
+    32; ``QUANT_DIMS`` are sizes llama.cpp's repack/AMX buffer types take.
     """
     if arch not in ("qwen2", "llama"):
         raise ValueError(f"arch must be 'qwen2' or 'llama', not {arch!r}")
     if hidden % n_heads or n_heads % n_kv_heads or (hidden // n_heads) % 2:
         raise ValueError("need hidden % n_heads == 0, n_heads % n_kv_heads == 0 and an even head_dim")
+    if draft_quant is not None:
+        if draft_quant not in DRAFT_QUANTS:
+            raise ValueError(f"draft_quant must be None or one of {sorted(DRAFT_QUANTS)}, not {draft_quant!r}")
+        if hidden % 32 or ffn % 32:
+            raise ValueError("a quantized draft needs hidden and ffn multiples of 32 (the quant block size)")
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -436,6 +498,8 @@ def build_tiny_pair(
         n_kv_heads=n_kv_heads, ffn=ffn, ctx=ctx, draft_noise=float(draft_noise), vocab_size=vocab_size,
         logit_scale=float(logit_scale),
     )
+    if draft_quant is not None:  # only when set: F32 builds keep the key (and caches) they always had
+        params["draft_quant"] = draft_quant
     manifest = out / "tiny_pair.json"
 
     from filelock import FileLock
@@ -469,7 +533,7 @@ def build_tiny_pair(
             _write_gguf(tmp / "target.gguf", arch=arch, name=f"tiny-{arch}-target", weights=target_w,
                         tokens=tokens, merges=merges, hp=hp)
             _write_gguf(tmp / "draft.gguf", arch=arch, name=f"tiny-{arch}-draft", weights=draft_w,
-                        tokens=tokens, merges=merges, hp=hp)
+                        tokens=tokens, merges=merges, hp=hp, quant=draft_quant)
             _export_hf(tmp, "target.gguf", tmp / "target_hf")
             for name in ("target.gguf", "draft.gguf", "target_hf"):
                 dst = out / name
@@ -504,5 +568,6 @@ def _pair_from_info(out: Path, info: dict) -> TinyPair:
         eos_token_id=info["eos_token_id"],
         bos_token_id=info["bos_token_id"],
         draft_noise=info["params"]["draft_noise"],
+        draft_quant=info["params"].get("draft_quant"),
         params=dict(info["params"]),
     )

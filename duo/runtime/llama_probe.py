@@ -1,0 +1,240 @@
+"""Which llama.cpp configuration runs the draft on this CPU, and how fast: probed once, then remembered.
+
+llama.cpp's CPU backend chooses fast paths when it loads a model: "extra buffer types" that repack
+quantized weights for AVX2/AVX-512 kernels (CPU_REPACK) or hand them to AMX tiles (AMX). Some VMs
+advertise AMX in CPUID but trap its instructions, and the first llama_decode dies with SIGILL. So
+before a draft is used, a throwaway child process loads the GGUF with each candidate configuration
+and decodes a few tokens:
+
+    variant      llama_model_params           what it costs
+    extra-bufts  use_extra_bufts = True       llama.cpp's default: repack (and AMX where compiled in)
+    plain        use_extra_bufts = False      plain CPU buffers: runs wherever llama.cpp runs
+
+A child killed by a signal marks its variant unusable; the fastest variant that ran is chosen. The
+verdict is saved under the cache directory, keyed by the machine (CPU model and flags), the llama.cpp
+build and the GGUF file, and used by every process that loads the draft (worker, profiler, bench).
+No variant running is an error naming the cause and the fix, never a silent fallback.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+VARIANTS = {"extra-bufts": True, "plain": False}   # name -> llama_model_params.use_extra_bufts
+PROBE_FORMAT = 1
+PROBE_TIMEOUT_S = 180.0
+FAULT_ENV = "DUO_PROBE_FAULT"     # tests only: "sigill:<variant>|all" makes that child die by SIGILL
+
+
+class DraftUnusable(RuntimeError):
+    """No llama.cpp configuration runs the draft on this CPU."""
+
+
+@dataclass
+class VariantResult:
+    variant: str
+    ok: bool
+    ms_per_token: float | None = None         # one-token decode steps, median
+    prefill_ms_per_token: float | None = None  # a 64-token batch, per token
+    buffers: list[str] = field(default_factory=list)   # llama.cpp buffer types holding weights (its log)
+    error: str | None = None                  # why it did not run: "killed by SIGILL (illegal instruction)"
+
+
+@dataclass
+class Verdict:
+    chosen: str | None              # the variant duo uses (None: none runs)
+    results: list[VariantResult]
+    key: str
+    threads: int
+    probed_s: float = 0.0
+
+    @property
+    def extra_bufts(self) -> bool:
+        if self.chosen is None:
+            raise DraftUnusable(unusable_message(self))
+        return VARIANTS[self.chosen]
+
+    def result(self, variant: str) -> VariantResult | None:
+        return next((r for r in self.results if r.variant == variant), None)
+
+    def summary(self) -> str:
+        """One line: each variant's speed or failure, and the choice."""
+        parts = [f"{r.variant} {r.ms_per_token:.1f} ms/token" if r.ok else f"{r.variant} {r.error}"
+                 for r in self.results]
+        return f"llama.cpp on this CPU ({self.threads} threads): " + "; ".join(parts) + \
+            (f"; using {self.chosen}" if self.chosen else "; none runs")
+
+
+def unusable_message(v: Verdict) -> str:
+    why = "; ".join(f"{r.variant}: {r.error}" for r in v.results)
+    return (f"llama.cpp cannot run the draft on this CPU ({why}); reinstall llama-cpp-python built for a "
+            f"portable CPU: CMAKE_ARGS='-DGGML_NATIVE=OFF' pip install --force-reinstall --no-cache-dir "
+            f"--no-binary llama-cpp-python llama-cpp-python, or run the target alone with --mode target")
+
+
+# ------------------------------------------------------------------------------------------- the key
+def _cpu_identity() -> str:
+    """CPU model and feature flags (what decides which instructions llama.cpp may use)."""
+    model, flags = platform.processor(), ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                k = k.strip()
+                if k == "model name" and not model:
+                    model = v.strip()
+                elif k in ("flags", "Features") and not flags:
+                    flags = " ".join(sorted(v.split()))
+                if model and flags:
+                    break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{model}|{flags}"
+
+
+def _llama_build() -> str:
+    """llama-cpp-python's version and its shared libraries' sizes and times (a rebuild changes them)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return "none"
+    lib = Path(llama_cpp.__file__).parent / "lib"
+    files = sorted(lib.glob("*.so*")) + sorted(lib.glob("*.dylib")) + sorted(lib.glob("*.dll")) if lib.is_dir() else []
+    return llama_cpp.__version__ + "|" + "|".join(f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}"
+                                                  for p in files)
+
+
+def probe_key(gguf_path: str | os.PathLike, threads: int) -> str:
+    """What the verdict depends on: machine, llama.cpp build, GGUF file (and the probe's thread count)."""
+    p = Path(gguf_path).resolve()
+    st = p.stat()
+    raw = "\n".join([str(PROBE_FORMAT), _cpu_identity(), _llama_build(), f"{p}:{st.st_size}:{int(st.st_mtime)}",
+                     str(threads), os.environ.get(FAULT_ENV, "")])
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+def _verdict_path(key: str) -> Path:
+    from ..models import cache_dir
+    return cache_dir() / "llama-probe" / f"{key}.json"
+
+
+_MEMO: dict[str, Verdict] = {}
+
+
+# ------------------------------------------------------------------------------------------- probing
+def default_threads() -> int:
+    return max(1, min(len(os.sched_getaffinity(0)), 8))
+
+
+def llama_verdict(gguf_path: str | os.PathLike, threads: int | None = None, refresh: bool = False,
+                  progress=None) -> Verdict:
+    """This machine's verdict for `gguf_path`: from memory, from the cache, or probed now (a few seconds)."""
+    threads = threads or default_threads()
+    key = probe_key(gguf_path, threads)
+    if not refresh and key in _MEMO:
+        return _MEMO[key]
+    path = _verdict_path(key)
+    if not refresh and path.is_file():
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            v = Verdict(d["chosen"], [VariantResult(**r) for r in d["results"]], key, d["threads"], d["probed_s"])
+            _MEMO[key] = v
+            return v
+        except (OSError, ValueError, KeyError, TypeError):
+            pass   # a damaged file: probe again
+    t0 = time.perf_counter()
+    results = []
+    for name in VARIANTS:
+        if progress:
+            progress(f"probing llama.cpp ({name}) on this CPU...")
+        results.append(probe_variant(gguf_path, name, threads))
+    ran = [r for r in results if r.ok]   # the fastest; llama.cpp's default unless another beats it by 3%
+    best = min(ran, key=lambda r: r.ms_per_token) if ran else None
+    chosen = ran[0].variant if ran and ran[0].ms_per_token <= 1.03 * best.ms_per_token else best and best.variant
+    v = Verdict(chosen, results, key, threads, round(time.perf_counter() - t0, 2))
+    _MEMO[key] = v
+    if chosen is None and not all((r.error or "").startswith("killed by") for r in results):
+        return v   # not a verdict about this CPU (a bad file, a timeout): probe again next time
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(asdict(v), indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass       # a read-only cache: probe again next time
+    return v
+
+
+def extra_bufts_for(gguf_path: str | os.PathLike) -> bool:
+    """use_extra_bufts for this machine and GGUF (probed with every core, whatever the caller's thread
+    count: which variant runs does not depend on it); raises DraftUnusable when no variant runs."""
+    return llama_verdict(gguf_path).extra_bufts
+
+
+def probe_variant(gguf_path: str | os.PathLike, variant: str, threads: int) -> VariantResult:
+    """Run one variant in a throwaway child; a signal, a non-zero exit or a hang means it does not run."""
+    cmd = [sys.executable, "-m", "duo.runtime.llama_probe", str(gguf_path), variant, str(threads)]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")   # the draft lives on the CPU
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, env=env,
+                           stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return VariantResult(variant, False, error=f"no answer within {PROBE_TIMEOUT_S:.0f} s")
+    if p.returncode < 0:
+        sig = signal.Signals(-p.returncode)
+        what = {signal.SIGILL: " (illegal instruction)", signal.SIGSEGV: " (segmentation fault)",
+                signal.SIGBUS: " (bus error)"}.get(sig, "")
+        return VariantResult(variant, False, error=f"killed by {sig.name}{what}")
+    last = (p.stdout.strip().splitlines() or [""])[-1]
+    try:
+        d = json.loads(last)
+    except ValueError:
+        tail = (p.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return VariantResult(variant, False, error=f"exit code {p.returncode}: {tail}")
+    if not d.get("ok"):
+        return VariantResult(variant, False, error=d.get("error", f"exit code {p.returncode}"))
+    return VariantResult(variant, True, d["ms_per_token"], d["prefill_ms_per_token"], d["buffers"])
+
+
+def _child(gguf_path: str, variant: str, threads: int) -> dict:
+    """In the throwaway process: load with `variant`, decode a 64-token batch and 24 single tokens."""
+    import numpy as np
+
+    from .draft_worker import DraftConfig, Drafter, top_k
+
+    buffers: list[str] = []
+    d = Drafter(DraftConfig(gguf_path=gguf_path, n_threads=threads, n_ctx=256, max_seqs=1,
+                            extra_bufts=VARIANTS[variant]), log_sink=buffers)
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault.startswith("sigill:") and fault.split(":", 1)[1] in (variant, "all"):
+        os.kill(os.getpid(), signal.SIGILL)   # as a trapped AMX instruction would
+    prompt = [(7 + 13 * i) % d.n_vocab for i in range(64)]
+    t = time.perf_counter()
+    d.decode([(tok, 0) for tok in prompt], last_logits_only=True)
+    prefill = (time.perf_counter() - t) / len(prompt)
+    steps, row = [], len(prompt) - 1
+    for _ in range(24):
+        (tok,), _ = top_k(d.logits(row), 1)
+        row = 0
+        t = time.perf_counter()
+        d.decode([(int(tok), 0)])
+        steps.append(time.perf_counter() - t)
+    d.close()
+    return {"ok": True, "ms_per_token": round(1000 * float(np.median(steps)), 3),
+            "prefill_ms_per_token": round(1000 * prefill, 3), "buffers": sorted(set(buffers))}
+
+
+if __name__ == "__main__":
+    try:
+        out = _child(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    except Exception as e:  # noqa: BLE001 - reported to the parent as one line
+        out = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    print(json.dumps(out), flush=True)

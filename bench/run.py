@@ -101,7 +101,7 @@ def summarize(dataset: str, method: str, samples: list[Sample], ref: list[Sample
     st = [s.stats for s in samples if s.stats]
     if st:
         rounds = sum(x["rounds"] for x in st)
-        row.mean_accepted_len = sum(x["new_tokens"] for x in st) / rounds if rounds else 0.0
+        row.mean_accepted_len = sum(x["new_tokens"] - 1 for x in st if x["new_tokens"]) / rounds if rounds else 0.0
         drafted = sum(x["drafted"] for x in st)
         row.acceptance_rate = sum(x["accepted"] for x in st) / drafted if drafted else 0.0
         depth = max((len(x["accepted_per_position"]) for x in st), default=0)

@@ -331,6 +331,10 @@ def test_benchmarks_run_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path):
     a = m["acceptance"]
     assert a["rounds"] > 0 and len(a["hazard"]) >= 1 and all(0 <= h <= 1 for h in a["hazard"])
     assert set(a["runs"]) == {"chain", "tree"}
+    # each round's tree is matched with that round's tokens (not the prefill's first token): the tiny draft's
+    # first token is accepted about half the time, and the trials say so
+    assert a["accepted"][0] > 0 and a["hazard"][0] > 0.1, a
+    assert m["llama_probe"]["chosen"] in ("extra-bufts", "plain") and len(m["llama_probe"]["variants"]) == 2
     assert prof["choice"]["mode"] in cost.MODES and prof["table"]
     json.dumps(prof)  # serialisable
     assert "choice:" in format_report(prof)

@@ -458,18 +458,19 @@ def run_acceptance(tm, client, prompt_ids: list[list[int]], s: Settings, seq_thr
     for ids, shape in jobs:
         budget, width = (s.chain_budget, 1) if shape == "chain" else (s.tree_budget, s.tree_width)
         cfg = DecodeConfig(max_new_tokens=s.max_new_tokens, mode="sequential", budget=budget, width=width,
-                           shape="chain" if shape == "chain" else "dynamic", lookup=False, draft_timeout_s=120.0)
+                           shape="chain" if shape == "chain" else "dynamic", lookup=False, draft_timeout_s=120.0,
+                           pause_when_slower=False)   # every round speculates: each is a trial
         rec, stats, news = Recorder(client), Stats(), []
         with target_threads(seq_threads, None):
             for new in generate_tokens(tm, rec, ids, cfg, stats):
                 news.append(new)
         if stats.fallback:
             raise BenchError(f"the draft worker failed during calibration: {stats.fallback}")
-        done = 0
-        for k, (tree, new) in enumerate(zip(rec.trees, news)):
+        done = len(news[0])   # the first token comes from the prefill, each later commit from one round's tree
+        for k, (tree, new) in enumerate(zip(rec.trees, news[1:])):
             remaining = s.max_new_tokens - done
             done += len(new)
-            if k == len(news) - 1 or any(t in tm.eos_ids for t in new):
+            if k == len(news) - 2 or any(t in tm.eos_ids for t in new):
                 continue  # truncated by EOS or the token limit: not a clean trial
             verified = prune_depth(tree if tm.supports_tree else tree.top_chain(), remaining - 1)
             counts.add_round(verified, new, shape == "tree")
@@ -478,7 +479,7 @@ def run_acceptance(tm, client, prompt_ids: list[list[int]], s: Settings, seq_thr
                                         accepted_per_position=[]))
         r["prompts"] += 1
         r["rounds"] += stats.rounds
-        r["tokens"] += stats.new_tokens
+        r["tokens"] += stats.new_tokens - 1       # the rounds' tokens (the first one is the prefill's)
         r["decode_s"] += stats.wall_s - stats.prefill_s
         r["verify_s"] += stats.verify_s
         r["draft_wait_s"] += stats.target_idle_s

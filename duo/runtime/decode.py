@@ -78,7 +78,8 @@ class Stats:
         d = dict(self.__dict__)
         d["acceptance_rate"] = self.accepted / self.drafted if self.drafted else 0.0
         d["mean_budget"] = d.pop("budget_sum") / self.rounds if self.rounds else 0.0
-        d["mean_accepted_len"] = self.new_tokens / self.rounds if self.rounds else 0.0
+        # tokens per target pass after the prefill (whose token is the first): path + bonus, 1 for a plain step
+        d["mean_accepted_len"] = (self.new_tokens - 1) / self.rounds if self.rounds else 0.0
         d["tokens_per_s"] = self.new_tokens / self.wall_s if self.wall_s else 0.0
         d["accepted_per_position"] = [a / self.rounds for a in self.accepted_per_position] if self.rounds else []
         return d

@@ -109,6 +109,8 @@ def summarize(dataset: str, method: str, samples: list[Sample], ref: list[Sample
             round(sum(x["accepted_per_position"][d] * x["rounds"] for x in st if d < len(x["accepted_per_position"]))
                   / rounds, 3) for d in range(depth)] if rounds else []
         row.extra = {"fallbacks": sum(1 for x in st if x.get("fallback")),
+                     "plain_steps": sum(x.get("plain_steps", 0) for x in st),   # governor: target-alone rounds
+                     "pauses": sum(x.get("pauses", 0) for x in st),
                      "target_idle_s": sum(x.get("target_idle_s", 0) for x in st),
                      "draft_idle_s": sum(x.get("draft_idle_s", 0) for x in st),
                      "verify_s": sum(x.get("verify_s", 0) for x in st)}

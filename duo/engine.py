@@ -365,7 +365,7 @@ class Engine:
                          and not set(self.plan.draft_cores) & set(self.plan.target_cores))
         cfg = DecodeConfig(max_new_tokens=max_new, sampling=sp, mode=self.plan.mode, budget=b,
                            width=self.plan.width, shape=self.plan.shape, lookup=self.lookup,
-                           draft_timeout_s=timeout, budget_range=(max(2, b // 4), 2 * b) if adaptive else None,
+                           draft_timeout_s=timeout, budget_range=(max(1, b // 4), 2 * b) if adaptive else None,
                            draft_prefill_alongside=own_cores or bool(getattr(self.target, "simulated", False)),
                            pause_when_slower=adaptive)
         for k, v in overrides.items():

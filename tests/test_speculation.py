@@ -127,3 +127,20 @@ def test_tiny_pair_speculates_without_fallback(tiny_pair):
             assert st["fallback"] is None, st["fallback"]
             assert st["accepted"] - st["accepted_from_lookup"] > 0, f"{mode}: no draft token accepted"
             assert st["ttft_s"] <= st["wall_s"] and st["new_tokens"] == len(res.token_ids)
+
+
+def test_catch_up_keeps_the_paused_draft_in_step(tiny_pair):
+    """While the target decodes alone the draft decodes the committed tokens without being waited for; the
+    next tree is the one a fresh worker drafts after the same tokens."""
+    prompt, delta = [5, 6, 7, 8, 9], [11, 12, 13, 14]
+    cfg = DraftConfig(gguf_path=str(tiny_pair.draft_gguf), n_ctx=256, load_timeout_s=60)
+    with DraftClient(cfg) as a, DraftClient(cfg) as b:
+        a.start(prompt, overlap=False)
+        b.start(prompt, overlap=False)
+        a.ping(timeout=30.0)                                    # START answered: nothing owed
+        sent = [a.catch_up([t], timeout=30.0) for t in delta]   # False: still busy, kept for the next call
+        assert sent[0] is True
+        ta = a.request_tree([], 6, 1, 30.0, "chain")
+        tb = b.request_tree(delta, 6, 1, 30.0, "chain")
+        assert ta.tokens.tolist() == tb.tokens.tolist() and len(ta) == 6
+        assert a.stats.n_decoded >= len(prompt) + len(delta) - 1

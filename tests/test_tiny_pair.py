@@ -197,13 +197,18 @@ def test_llama_cpp_and_torch_compute_the_same_function(pair):
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
-def test_draft_agrees_with_target_part_of_the_time(pair):
+def _agreement(pair, what: str) -> float:
+    """How often the draft's greedy token (llama.cpp) is the target's (torch) on random token sequences."""
     tokens = _random_tokens(pair, 256, seed=2)
     target = _torch_logits(_hf_model(pair), tokens).argmax(-1)
     draft = _llama_logits(pair.draft_gguf, tokens).argmax(-1)
     rate = float((target == draft).mean())
-    print(f"\n[{pair.arch}] draft/target greedy agreement: {rate:.3f} over {len(tokens)} positions")
-    assert 0.35 <= rate <= 0.75
+    print(f"\n[{what}] draft/target greedy agreement: {rate:.3f} over {len(tokens)} positions")
+    return rate
+
+
+def test_draft_agrees_with_target_part_of_the_time(pair):
+    assert 0.35 <= _agreement(pair, pair.arch) <= 0.75
 
 
 def test_target_logits_are_peaked(pair):
@@ -242,18 +247,12 @@ def test_quantized_draft_gguf(tiny_pair, tiny_pair_q):
             assert t.tensor_type == gguf.GGMLQuantizationType.F32, t.name
     target = gguf.GGUFReader(str(tiny_pair_q.target_gguf))
     assert all(t.tensor_type == gguf.GGMLQuantizationType.F32 for t in target.tensors)
-    t0 = time.monotonic()
+    # built once: the same parameters give the cached pair back
     assert build_tiny_pair(tiny_pair_q.root, **{k: v for k, v in tiny_pair_q.params.items() if k != "format"}) == tiny_pair_q
-    assert time.monotonic() - t0 < 2.0
 
 
 def test_quantized_draft_agrees_with_target_part_of_the_time(tiny_pair_q, extra_bufts_run):
-    tokens = _random_tokens(tiny_pair_q, 256, seed=2)
-    target = _torch_logits(_hf_model(tiny_pair_q), tokens).argmax(-1)
-    draft = _llama_logits(tiny_pair_q.draft_gguf, tokens).argmax(-1)
-    rate = float((target == draft).mean())
-    print(f"\n[q4_0] draft/target greedy agreement: {rate:.3f} over {len(tokens)} positions")
-    assert 0.25 <= rate <= 0.75
+    assert 0.25 <= _agreement(tiny_pair_q, "q4_0") <= 0.75
 
 
 def test_quantized_draft_runs_on_cpu_extra_buffer_types(tiny_pair_q_load):

@@ -34,7 +34,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft", "-d", help="draft: alias or GGUF file (default qwen2.5-coder-0.5b)")
     g.add_argument("--device", default="auto", help="where the target runs: auto, cpu, cuda or cuda:N (default auto)")
     g.add_argument("--dtype", default="auto", help="target dtype: auto, float32, bfloat16, float16 (default auto)")
-    p.add_argument("--quick", action="store_true", help="fewer repetitions and calibration tokens (1-2 minutes)")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions and calibration tokens (about 2 minutes on 2 cores)")
     p.add_argument("--json", action="store_true", help="print the profile as JSON instead of the table")
     p.add_argument("--prompts", metavar="FILE", help="calibration prompts, JSONL with \"prompt\" or \"messages\" "
                                                      "(default configs/calibration_prompts.jsonl)")

@@ -179,6 +179,12 @@ def generate_tokens(tm: TargetModel, draft, prompt: list[int], cfg: DecodeConfig
                 stats.fallback = f"{type(e).__name__}: {e}"
             wait = time.perf_counter() - t
             stats.target_idle_s += wait
+        elif use_draft and started and cfg.draft_prefill_alongside and pending:
+            try:   # paused, the draft on cores of its own: it decodes what we commit meanwhile (no wait)
+                if draft.catch_up(pending, cfg.draft_timeout_s):
+                    pending = []
+            except Exception as e:  # noqa: BLE001
+                use_draft, stats.fallback = False, f"{type(e).__name__}: {e}"
         if cfg.lookup and stats.mode != "target" and remaining > 1 and (speculate or not use_draft):
             tree = merge_trees(tree, lookup_tree(history, max_nodes=max(4, budget // 2)), budget)
         if not tm.supports_tree and len(tree):

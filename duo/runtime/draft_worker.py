@@ -190,6 +190,22 @@ class DraftClient:
             raise DraftError(f"worker returned {len(tree)} nodes for a budget of {budget}")
         return tree
 
+    def catch_up(self, delta: list[int], timeout: float) -> bool:
+        """While the target decodes alone: send ``delta`` (committed since the last request) for the worker
+        to decode now, asking no tree and not waiting, so the draft keeps up instead of catching up in the
+        next round. False (``delta`` kept for the next call) while an earlier request is still unanswered."""
+        self._check_open()
+        self._unsent.extend(int(t) for t in delta)
+        if self._outstanding is not None:
+            if not self._chan.resp.acquire(block=False):
+                return False
+            self._chan.resp.release()          # answered: let _drain consume it
+            self._drain(time.monotonic() + timeout, timeout)
+        if self._unsent:
+            self._outstanding = self._send(ch.CMD_TREE, self._unsent, 0, self._key[1], self._key[2])
+            self._unsent = []
+        return True
+
     def ping(self, timeout: float = 5.0) -> float:
         """One PING exchange; returns the round-trip seconds."""
         self._check_open()

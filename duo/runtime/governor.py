@@ -3,7 +3,8 @@
     rate_spec  = tokens / seconds over the last `window` speculative rounds (draft wait + verify + commit)
     rate_plain = 1 / seconds of one plain step (the target alone), measured in this generation
     speculating and rate_spec < rate_plain  -> plain for `backoff` tokens, then probe `window` rounds again
-    a probe that loses doubles the backoff (up to max_backoff); one that wins resets it (no flapping)
+    a probe that loses doubles the backoff (up to max_backoff); one that wins by 10% resets it (no flapping)
+    while paused, a draft with cores of its own keeps decoding the committed tokens (no catch-up later)
 
 The first speculative round after the draft (re)starts carries the draft's prefill: it is not counted.
 In the overlapped schedule the round's budget is also capped at what the draft produced within one
@@ -13,6 +14,9 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+
+
+WIN = 1.1   # a window this much faster than the target alone resets the backoff (a near-tie keeps it)
 
 
 @dataclass
@@ -61,7 +65,7 @@ class Governor:
             self.speculating, self.plain_left = False, self.backoff
             self.backoff = min(2 * self.backoff, self.max_backoff)
             self.pauses += 1
-        else:
+        elif self.rate_spec() > WIN / self.plain_s:  # clearly winning: the next pause starts short again
             self.backoff = self.min_backoff
 
     def rate_spec(self) -> float:

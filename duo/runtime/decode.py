@@ -206,8 +206,6 @@ def generate_tokens(tm: TargetModel, draft, prompt: list[int], cfg: DecodeConfig
         # the next round's plan: faster than the target alone? how big a tree?
         if use_draft and cfg.pause_when_slower:
             gov.record(speculate, len(new), time.perf_counter() - t_round)
-            if gov.plain_s is None and len(gov.spec) >= gov.window:
-                gov.measure_plain(2)          # learn the target-alone rate on this text
         if speculate and cfg.budget_range:
             accepted_ema = 0.7 * accepted_ema + 0.3 * len(path)
             budget = adapt_budget(accepted_ema, *cfg.budget_range)

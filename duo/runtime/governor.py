@@ -59,7 +59,10 @@ class Governor:
         self.spec.append((tokens, seconds))
         if len(self.spec) > self.window:
             self.spec.popleft()
-        if len(self.spec) < self.window or self.plain_s is None:
+        if len(self.spec) < self.window:
+            return
+        if self.plain_s is None:               # learn the target-alone rate on this text: two plain steps
+            self.measure_plain(2)
             return
         if self.rate_spec() < 1.0 / self.plain_s:   # losing to the target alone: pause
             self.speculating, self.plain_left = False, self.backoff

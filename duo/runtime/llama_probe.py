@@ -198,10 +198,7 @@ def probe_variant(gguf_path: str | os.PathLike, variant: str, threads: int) -> V
     except subprocess.TimeoutExpired:
         return VariantResult(variant, False, error=f"no answer within {PROBE_TIMEOUT_S:.0f} s")
     if p.returncode < 0:
-        sig = signal.Signals(-p.returncode)
-        what = {signal.SIGILL: " (illegal instruction)", signal.SIGSEGV: " (segmentation fault)",
-                signal.SIGBUS: " (bus error)"}.get(sig, "")
-        return VariantResult(variant, False, error=f"killed by {sig.name}{what}")
+        return VariantResult(variant, False, error=died_by_signal(p.returncode))
     last = (p.stdout.strip().splitlines() or [""])[-1]
     try:
         d = json.loads(last)
@@ -211,6 +208,19 @@ def probe_variant(gguf_path: str | os.PathLike, variant: str, threads: int) -> V
     if not d.get("ok"):
         return VariantResult(variant, False, error=d.get("error", f"exit code {p.returncode}"))
     return VariantResult(variant, True, d["ms_per_token"], d["prefill_ms_per_token"], d["buffers"])
+
+
+def died_by_signal(returncode: int) -> str | None:
+    """"killed by SIGILL (illegal instruction)" for a child process's negative return code, else None."""
+    if returncode >= 0:
+        return None
+    try:
+        sig = signal.Signals(-returncode)
+    except ValueError:
+        return f"killed by signal {-returncode}"
+    what = {signal.SIGILL: " (illegal instruction)", signal.SIGSEGV: " (segmentation fault)",
+            signal.SIGBUS: " (bus error)"}.get(sig, "")
+    return f"killed by {sig.name}{what}"
 
 
 def _child(gguf_path: str, variant: str, threads: int) -> dict:

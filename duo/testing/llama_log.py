@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -56,13 +55,9 @@ class LoadReport:
 
     @property
     def crashed(self) -> str | None:
-        """"killed by SIGILL" etc. when the child died by a signal, else None."""
-        if self.returncode < 0:
-            try:
-                return f"killed by {signal.Signals(-self.returncode).name}"
-            except ValueError:
-                return f"killed by signal {-self.returncode}"
-        return None
+        """"killed by SIGILL (illegal instruction)" etc. when the child died by a signal, else None."""
+        from duo.runtime.llama_probe import died_by_signal
+        return died_by_signal(self.returncode)
 
     @property
     def extra(self) -> dict[str, float]:

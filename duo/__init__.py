@@ -5,7 +5,7 @@ _os.environ.setdefault("HF_HUB_OFFLINE", "1")          # nothing is fetched from
 _os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 _os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 __all__ = ["Engine", "Result", "DuoError", "__version__"]
 
 

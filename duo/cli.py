@@ -1,16 +1,20 @@
-"""Command line: duo run | bench | models (| profile).
+"""Command line: the `duo` parser, `duo run` and `duo models`, logging set-up, errors as exit codes (duo.exits).
 
 Errors are one line on stderr and an exit code, never a traceback (unless --debug):
   0 success, 1 a failure at run time (out of memory, a model that fails to load, a download),
   2 a usage error (bad flags or values, a missing model file, an empty or too long prompt...),
   130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
-The distinction is made where the error is raised: duo.engine.UsageError (exit 2) vs DuoError (exit 1);
+The distinction is made where the error is raised: duo.errors.UsageError (exit 2) vs DuoError (exit 1);
 argparse's own errors are usage errors too.
+
+`duo run`'s generation (one answer, the chat) is in duo.chat; `duo profile` is duo.profiler.cli. Other
+packages add commands through the entry point group "duo.commands" (see add_plugin_commands): `duo bench`
+is bench.cli:add_parser, registered in pyproject.toml. Such a command builds its parser from the helpers
+here: formatter, number, comma_list, add_model_flags, add_generation_flags, add_common_flags.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -20,15 +24,17 @@ import time
 import warnings
 
 from . import __version__
-from .engine import DuoError, UsageError  # cheap: duo.engine imports torch only when an Engine is built
+from .errors import DuoError, UsageError
+from .plan import MODES
+from .exits import EXIT_INTERRUPT, EXIT_OK, EXIT_RUNTIME, EXIT_TERMINATED, EXIT_USAGE, Terminated, interrupt_code
 
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPT, EXIT_TERMINATED = 0, 1, 2, 130, 143
+COMMANDS_GROUP = "duo.commands"     # entry points: add_parser(subparsers) of a command from another package
 
 log = logging.getLogger("duo")
 
 
 # ----------------------------------------------------------------------------- argument types
-def _number(kind, what: str, lo=None, hi=None, lo_open: bool = False):
+def number(kind, what: str, lo=None, hi=None, lo_open: bool = False):
     """An argparse type: an int or a finite float within [lo, hi] (or (lo, hi] with lo_open)."""
     def parse(s: str):
         try:
@@ -45,7 +51,7 @@ def _number(kind, what: str, lo=None, hi=None, lo_open: bool = False):
 
 
 def _budget(s: str):
-    return s if s == "auto" else _number(int, ">= 1 (or auto)", lo=1)(s)
+    return s if s == "auto" else number(int, ">= 1 (or auto)", lo=1)(s)
 
 
 def _stop(s: str) -> str:
@@ -70,23 +76,7 @@ def _dtype(s: str) -> str:
     return DTYPES[s]
 
 
-def _methods(s: str) -> list[str]:
-    """'target,duo-sequential@chain,b=8,duo' -> ['target', 'duo-sequential@chain,b=8', 'duo']: items that are
-    not a method name are options of the method before them."""
-    from bench.run import METHODS
-    out: list[str] = []
-    for x in _list(s):
-        if x.split("@")[0] in METHODS or not out:
-            out.append(x)
-        else:
-            out[-1] += ("," if "@" in out[-1] else "@") + x
-    bad = [m for m in out if m.split("@")[0] not in METHODS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown method {bad[0]!r}: choose from {', '.join(METHODS)}")
-    return out
-
-
-def _list(s: str) -> list[str]:
+def comma_list(s: str) -> list[str]:
     items = [x.strip() for x in s.split(",") if x.strip()]
     if not items:
         raise argparse.ArgumentTypeError("must be a non-empty comma-separated list")
@@ -99,7 +89,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"duo: error: {message} (see '{self.prog} --help')\n")
 
 
-def _formatter(prog):
+def formatter(prog):
     return argparse.HelpFormatter(prog, max_help_position=30, width=min(110, max(80, _columns())))
 
 
@@ -131,28 +121,28 @@ def add_model_flags(p) -> None:
 
 def add_generation_flags(p, *, default_max: int, sampling: bool, seed_help: str = "random seed for sampling") -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", "-n", type=_number(int, ">= 0", lo=0), default=default_max, metavar="N",
+    g.add_argument("--max-new-tokens", "-n", type=number(int, ">= 0", lo=0), default=default_max, metavar="N",
                    help=f"at most N new tokens (default {default_max})")
-    g.add_argument("--temperature", "-t", type=_number(float, ">= 0 (0 = greedy)", lo=0), default=0.0,
+    g.add_argument("--temperature", "-t", type=number(float, ">= 0 (0 = greedy)", lo=0), default=0.0,
                    metavar="T", help="0 = greedy (default); > 0 samples")
     if sampling:
-        g.add_argument("--top-p", type=_number(float, "in (0, 1]", lo=0, hi=1, lo_open=True), default=1.0,
+        g.add_argument("--top-p", type=number(float, "in (0, 1]", lo=0, hi=1, lo_open=True), default=1.0,
                        metavar="P", help="nucleus sampling mass in (0, 1] (default 1)")
-        g.add_argument("--top-k", type=_number(int, ">= 0 (0 = off)", lo=0), default=0, metavar="K",
+        g.add_argument("--top-k", type=number(int, ">= 0 (0 = off)", lo=0), default=0, metavar="K",
                        help="sample among the K likeliest tokens (0 = off)")
-    g.add_argument("--seed", type=_number(int, ">= 0", lo=0), default=None, metavar="S", help=seed_help)
+    g.add_argument("--seed", type=number(int, ">= 0", lo=0), default=None, metavar="S", help=seed_help)
     g.add_argument("--budget", type=_budget, default="auto", metavar="B",
                    help="drafted tokens per round: auto or B >= 1")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="duo", formatter_class=_formatter,
+    p = Parser(prog="duo", formatter_class=formatter,
                description="Speculative decoding: a llama.cpp draft on the CPU, a PyTorch target on the GPU.")
     p.add_argument("--version", action="version", version=f"duo {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=Parser, metavar="COMMAND")
 
     # --- duo run -------------------------------------------------------------------------------
-    r = sub.add_parser("run", formatter_class=_formatter,
+    r = sub.add_parser("run", formatter_class=formatter,
                        help="generate text: a prompt, stdin, or an interactive chat",
                        description="Generate from a prompt (the argument, or stdin with '-' or a pipe); "
                                    "with no prompt on a terminal, chat.")
@@ -165,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", metavar="TEXT", help="system message for the chat template")
     g.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as plain text")
     g.add_argument("--chat", action="store_true", help="chat even if stdin is not a terminal (a line per turn)")
-    g.add_argument("--mode", choices=["auto", "overlap", "sequential", "target"], default="auto", metavar="MODE",
+    g.add_argument("--mode", choices=["auto", *MODES], default="auto", metavar="MODE",
                    help="auto, overlap, sequential, or target (no draft)")
     g.add_argument("--profile", choices=["auto", "saved", "off"], default=os.environ.get("DUO_PROFILE", "auto"),
                    metavar="P", help="with --budget/--mode auto: auto (quick profile if none is saved), saved, off")
@@ -174,36 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_flags(r)
     r.set_defaults(func=cmd_run)
 
-    # --- duo bench -----------------------------------------------------------------------------
-    b = sub.add_parser("bench", formatter_class=_formatter,
-                       help="benchmark methods side by side on real datasets",
-                       description="Every method on the same prompts in one run; ratios against the target alone.")
-    add_model_flags(b)
-    add_generation_flags(b, default_max=128, sampling=False,
-                         seed_help="shuffle each dataset with seed S before --limit (default: the dataset's own "
-                                   "order); also the sampling seed (default 0)")
-    g = b.add_argument_group("bench")
-    g.add_argument("--dataset", type=_list, default=["humaneval", "gsm8k", "mt-bench"], metavar="LIST",
-                   help="humaneval, gsm8k, mt-bench, mt-bench-2 (second turns), or a JSONL file")
-    g.add_argument("--methods", type=_methods, metavar="LIST", default=None,
-                   help="target, hf-assisted, hf-prompt-lookup, duo-sequential, duo-overlap, duo (default: all but "
-                        "duo-overlap; with --simulate-accelerator: target, duo-sequential, duo-overlap, duo)")
-    g.add_argument("--simulate-accelerator", metavar="PROFILE",
-                   help="SIMULATION: replay the target's recorded output timed like PROFILE (a name in "
-                        "configs/accelerators.json, or a JSON file); the draft runs for real")
-    g.add_argument("--limit", type=_number(int, ">= 1", lo=1), default=10, metavar="N",
-                   help="prompts per dataset (default 10)")
-    g.add_argument("--json", metavar="PATH", help="write the rows as JSON to PATH")
-    g.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of speedups")
-    add_common_flags(b)
-    b.set_defaults(func=cmd_bench)
+    # --- commands of other packages (duo bench) ---------------------------------------------------
+    add_plugin_commands(sub)
 
     # --- duo models ----------------------------------------------------------------------------
-    m = sub.add_parser("models", formatter_class=_formatter, help="list or pull models",
+    m = sub.add_parser("models", formatter_class=formatter, help="list or pull models",
                        description="Manage the model cache ($DUO_CACHE or ~/.cache/duo). Default action: list.")
     msub = m.add_subparsers(dest="models_command", parser_class=Parser, metavar="ACTION")
-    add_common_flags(msub.add_parser("list", formatter_class=_formatter, help="known aliases and what is cached"))
-    pull = msub.add_parser("pull", formatter_class=_formatter, help="fetch a model into the cache")
+    add_common_flags(msub.add_parser("list", formatter_class=formatter, help="known aliases and what is cached"))
+    pull = msub.add_parser("pull", formatter_class=formatter, help="fetch a model into the cache")
     pull.add_argument("name", help="alias to pull (see 'duo models list')")
     pull.add_argument("--no-convert", action="store_true", help="do not convert a target to torch weights")
     add_common_flags(pull)
@@ -214,6 +183,25 @@ def build_parser() -> argparse.ArgumentParser:
     pr = profiler_cli.add_profile_parser(sub)
     pr.set_defaults(func=profiler_cli.main)
     return p
+
+
+def add_plugin_commands(sub) -> None:
+    """The commands other packages register as entry points in the group "duo.commands" (by name): each
+    is a function add_parser(subparsers) that adds its subcommand and sets its `func` (args -> exit code).
+    One that fails to load is left out, with a warning, so that the other commands still work; duo's own
+    command names (run, models, profile) are never taken."""
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        if ep.name in sub.choices or ep.name in ("run", "models", "profile"):
+            continue
+        try:
+            add_parser = ep.load()
+        except Exception as e:  # noqa: BLE001 - a broken plugin must not break duo
+            print(f"duo: warning: command {ep.name!r} ({ep.value}) is left out: it failed to load "
+                  f"({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+            continue
+        add_parser(sub)
 
 
 # ----------------------------------------------------------------------------- logging
@@ -257,24 +245,6 @@ def read_stdin() -> str:
                          f"e.g. with iconv -t UTF-8") from None
 
 
-def stats_line(st: dict) -> str:
-    return (f"{st.get('new_tokens', 0)} tok  {st.get('tokens_per_s', 0):.1f} tok/s  "
-            f"accept {st.get('acceptance_rate', 0):.0%}  {st.get('mean_accepted_len', 0):.2f} tok/pass  "
-            f"mode {st.get('mode')}" + (f"  fallback: {st['fallback']}" if st.get("fallback") else ""))
-
-
-def plan_line(engine) -> str:
-    """How this engine generates: the plan and where it came from, and the draft's llama.cpp configuration."""
-    p = engine.plan
-    if p.mode == "target" or engine.draft_ref is None:
-        return f"plan: the target alone, {p.target_threads} threads ({p.source})"
-    out = (f"plan: {p.mode}, budget {p.budget}{' (adaptive)' if p.adaptive else ''}, width {p.width}, {p.shape} "
-           f"tree, draft {p.draft_threads} / target {p.target_threads} threads ({p.source})")
-    v = engine.draft_llama
-    r = v.result(v.chosen) if v is not None else None
-    return out + (f"; draft in llama.cpp: {v.chosen}, {r.ms_per_token:.1f} ms/token" if r else "")
-
-
 def cmd_run(args) -> int:
     chat = args.chat or (args.prompt is None and sys.stdin.isatty())
     if chat:
@@ -292,6 +262,7 @@ def cmd_run(args) -> int:
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                top_k=args.top_k, seed=args.seed, stop=args.stop)
 
+    from .chat import chat_loop, plan_line, run_once
     from .engine import Engine
 
     note(args, "loading models...")
@@ -308,154 +279,7 @@ def cmd_run(args) -> int:
         return run_once(engine, args, prompt, gen)
 
 
-def run_once(engine, args, prompt: str, gen: dict) -> int:
-    from .runtime.decode import Stats
-
-    ids = engine.encode(prompt, system=args.system, chat=False if args.raw else None)
-    log.info("prompt: %d tokens", len(ids))
-    stats, pieces = Stats(), []
-    live = args.stats and sys.stderr.isatty() and not sys.stdout.isatty()
-    last, code = 0.0, EXIT_OK
-    try:
-        for _, piece in engine.stream_tokens(prompt, system=args.system, chat=False if args.raw else None,
-                                             stats=stats, **gen):
-            pieces.append(piece)
-            if not args.json and piece:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            if live and time.perf_counter() - last > 0.25:
-                last = time.perf_counter()
-                print("\r\033[K" + stats_line(stats.as_dict()), end="", file=sys.stderr, flush=True)
-    except KeyboardInterrupt as e:      # keep what was shown; the Engine's `with` stops the draft worker
-        stats.stop_reason = "interrupted"
-        code = _interrupt_code(e)
-    st = stats.as_dict()
-    if args.json:
-        print(json.dumps({"text": "".join(pieces), "stats": st}))
-    else:
-        sys.stdout.write("\n")
-    sys.stdout.flush()
-    if args.stats:
-        print(("\r\033[K" if live else "") + stats_line(st), file=sys.stderr, flush=True)
-    if code != EXIT_OK:
-        print("duo: interrupted", file=sys.stderr, flush=True)
-    return code
-
-
-class ChatHistory:
-    """The conversation as chat messages: an optional system message (kept by reset), then the turns."""
-
-    def __init__(self, system: str | None = None):
-        self.system = system
-        self.turns: list[dict] = []
-
-    @property
-    def messages(self) -> list[dict]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + list(self.turns)
-
-    def ask(self, text: str) -> list[dict]:
-        """Add the user's message; return the messages to answer."""
-        self.turns.append({"role": "user", "content": text})
-        return self.messages
-
-    def answer(self, text: str) -> None:
-        self.turns.append({"role": "assistant", "content": text})
-
-    def undo(self) -> None:
-        """Drop an unanswered user message (its generation failed)."""
-        if self.turns and self.turns[-1]["role"] == "user":
-            self.turns.pop()
-
-    def reset(self) -> None:
-        self.turns.clear()
-
-
-CHAT_HELP = "/reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops an answer."
-
-
-def chat_loop(engine, args, gen) -> int:
-    """One line per turn; the whole history goes through the chat template each turn."""
-    from .runtime.decode import Stats
-
-    if not getattr(engine.target.tokenizer, "chat_template", None):
-        raise UsageError(f"target {engine.target.name} has no chat template, so it cannot chat: give a prompt")
-    interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    if interactive:
-        try:
-            import readline  # noqa: F401 - line editing and history for input()
-        except ImportError:
-            pass
-        if not args.quiet:
-            print(f"duo chat: {CHAT_HELP}", file=sys.stderr, flush=True)
-    history = ChatHistory(args.system)
-    while True:
-        try:
-            line = read_line(interactive)
-        except EOFError:
-            if interactive:
-                print(file=sys.stderr)
-            return EXIT_OK
-        except UnicodeDecodeError:
-            print("duo: that line is not valid UTF-8; type it again", file=sys.stderr, flush=True)
-            continue
-        cmd = line.strip()
-        if cmd in ("/exit", "/quit"):
-            return EXIT_OK
-        if cmd == "/reset":
-            history.reset()
-            if not args.quiet:
-                print("(history cleared)", file=sys.stderr, flush=True)
-            continue
-        if cmd == "/help":
-            print(CHAT_HELP, file=sys.stderr, flush=True)
-            continue
-        if not cmd:
-            continue
-        messages = history.ask(line.rstrip("\r\n"))
-        if args.verbose:
-            ids = engine.encode(messages)
-            text = engine.target.tokenizer.decode(ids)
-            log.info("turn %d: %d messages, %d prompt tokens: %s", len(history.turns) // 2 + 1, len(messages),
-                     len(ids), json.dumps(text[-4000:], ensure_ascii=False))
-        answer, stats = [], Stats()
-        try:
-            for _, piece in engine.stream_tokens(messages, stats=stats, **gen):
-                if piece:
-                    answer.append(piece)
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-        except KeyboardInterrupt:
-            print("\n(interrupted)", file=sys.stderr, end="", flush=True)
-        except UsageError as e:         # e.g. the history no longer fits the context window
-            history.undo()
-            print(f"duo: error: {e}" + ("; /reset starts over" if "context window" in str(e) else ""),
-                  file=sys.stderr, flush=True)
-            continue
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        history.answer("".join(answer))
-        if args.stats:
-            print(stats_line(stats.as_dict()), file=sys.stderr, flush=True)
-
-
-def read_line(interactive: bool) -> str:
-    """One line of input: with line editing on a terminal, else from stdin as UTF-8 (EOFError at the end)."""
-    if interactive:
-        return input("> ")
-    if sys.stderr.isatty():
-        print("> ", end="", file=sys.stderr, flush=True)
-    data = sys.stdin.buffer.readline()
-    if not data:
-        raise EOFError
-    return data.decode("utf-8")
-
-
-# ----------------------------------------------------------------------------- duo bench / models
-def cmd_bench(args) -> int:
-    from bench.run import main as bench_main
-    return bench_main(args)
-
-
+# ----------------------------------------------------------------------------- duo models
 def cmd_models(args) -> int:
     from . import models
     if args.models_command == "pull":
@@ -475,16 +299,8 @@ def cmd_models(args) -> int:
 
 
 # ----------------------------------------------------------------------------- main
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread like Ctrl-C so that the same clean-up runs."""
-
-
 def _on_sigterm(signum, frame):
     raise Terminated()
-
-
-def _interrupt_code(e: BaseException) -> int:
-    return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPT
 
 
 def error_line(e: BaseException, verbose: bool) -> tuple[str, int]:
@@ -540,7 +356,7 @@ def _main(argv: list[str] | None) -> int:
         return args.func(args)
     except KeyboardInterrupt as e:
         print("\nduo: interrupted", file=sys.stderr, flush=True)
-        return _interrupt_code(e)
+        return interrupt_code(e)
     except BrokenPipeError:             # `duo run ... | head`: the reader has gone, which is fine
         _silence_stdout()
         return EXIT_RUNTIME

@@ -5,8 +5,10 @@
         for piece in engine.stream([{"role": "user", "content": "Hi"}]):
             print(piece, end="", flush=True)
 
-Errors meant for the user are `DuoError`s with a one-line message naming the problem and the fix;
-`UsageError` (also a ValueError) marks bad arguments or input, a plain `DuoError` a failure at run time.
+The Engine is where the pieces are put together (configuration flows one way from here): the target
+(runtime/target.py, or SIMULATION runtime/simulate.py) with the planner that knows its costs (profiler/),
+the plan (plan.py), the draft worker (runtime/draft_client.py) and, per call, the decode loop
+(runtime/decode.py). Errors meant for the user are `DuoError`s / `UsageError`s (errors.py).
 Importing this module is cheap: torch and the runtime are imported when an Engine is built.
 """
 from __future__ import annotations
@@ -16,36 +18,17 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
+
+from .arguments import check_engine_args, sampling_params
+from .errors import DuoError, UsageError
+from .plan import Plan, check_mode, default_plan
+from .prompt import Messages, TextStream, encode_prompt
 
 if TYPE_CHECKING:
     from .runtime.decode import DecodeConfig, Stats
 
 log = logging.getLogger("duo")
-
-Messages = Sequence[dict]
-MODES = ("overlap", "sequential", "target")   # == duo.runtime.decode.MODES (checked in Engine.__init__)
-
-
-class DuoError(RuntimeError):
-    """A user-facing error: the message names the problem and the fix.
-
-    A plain DuoError is a failure at run time (out of memory, a model that fails to load, a download);
-    the CLI exits with 1. See UsageError for bad arguments.
-    """
-
-    usage: bool = False
-    exit_code: int = 1
-
-
-class UsageError(DuoError, ValueError):
-    """Bad arguments or input (unknown model path, sampling values, empty or too long prompt...):
-    the call must change. The CLI exits with 2."""
-
-    usage = True
-    exit_code = 2
-
 
 @dataclass
 class Result:
@@ -60,98 +43,6 @@ class Result:
     text: str
     token_ids: list[int]
     stats: dict = field(default_factory=dict)
-
-
-@dataclass
-class Plan:
-    """How generation runs: the profiler's choice, or the user's."""
-    mode: str = "sequential"
-    budget: int = 16
-    width: int = 4
-    shape: str = "dynamic"
-    draft_threads: int = 1
-    target_threads: int = 1
-    draft_cores: list[int] | None = None
-    target_cores: list[int] | None = None
-    draft_ms_per_token: float = 50.0
-    source: str = "defaults"
-    adaptive: bool = True            # adapt the budget to acceptance at run time (off when the user fixes it)
-
-
-def default_plan(mode: str, budget: int | None) -> Plan:
-    """Without a saved profile: split the cores for overlap, share them for the sequential schedule."""
-    cores = sorted(os.sched_getaffinity(0))
-    mode = "sequential" if mode == "auto" else mode
-    plan = Plan(mode=mode, budget=budget or 16)
-    if mode == "overlap" and len(cores) >= 2:
-        n_draft = max(1, len(cores) // 4) if len(cores) >= 8 else 1
-        plan.draft_cores, plan.target_cores = cores[-n_draft:], cores[:-n_draft]
-        plan.draft_threads, plan.target_threads = n_draft, len(cores) - n_draft
-    else:
-        plan.draft_threads = plan.target_threads = min(len(cores), 8) if mode != "target" else len(cores)
-    return plan
-
-
-def _sentinel(i: int) -> str:
-    return f"\x00duo{i}\x00"
-
-
-def encode_chat(tokenizer, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
-    """Chat template → token ids, with message contents tokenized as plain text.
-
-    Special-token strings typed by the user (e.g. "<|im_end|>") must stay text, so the template is
-    rendered with sentinels in place of the contents, its own parts are tokenized with special tokens,
-    and each content separately with special tokens split.
-    """
-    masked = [dict(m, content=_sentinel(i)) for i, m in enumerate(messages)]
-    skeleton = tokenizer.apply_chat_template(masked, tokenize=False, add_generation_prompt=add_generation_prompt)
-    ids: list[int] = []
-    rest = skeleton
-    for i, m in enumerate(messages):
-        before, _, rest = rest.partition(_sentinel(i))
-        ids += tokenizer.encode(before, add_special_tokens=False)
-        ids += tokenizer.encode(m["content"], add_special_tokens=False, split_special_tokens=True)
-    ids += tokenizer.encode(rest, add_special_tokens=False)
-    return ids
-
-
-def encode_plain(tokenizer, text: str) -> list[int]:
-    ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
-    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-        ids = [tokenizer.bos_token_id] + ids
-    return ids
-
-
-class TextStream:
-    """Incremental detokenizer: yields only complete UTF-8 text, and never text that may start a stop string."""
-
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
-        self.tokenizer, self.stop = tokenizer, list(stop)
-        self.ids: list[int] = []
-        self.text = ""          # decoded so far (complete characters only)
-        self.emitted = 0        # chars of text already handed out
-        self.stopped = False
-
-    def push(self, ids: list[int]) -> str:
-        self.ids += ids
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):     # a multi-byte character is still incomplete
-            return ""
-        self.text = text
-        for s in self.stop:
-            at = text.find(s, max(0, self.emitted - len(s) + 1))
-            if at >= 0:
-                self.text, self.stopped = text[:at], True
-        hold = 0 if self.stopped else max((k for s in self.stop for k in range(1, len(s))
-                                           if self.text.endswith(s[:k])), default=0)
-        out = self.text[self.emitted:len(self.text) - hold]
-        self.emitted += len(out)
-        return out
-
-    def finish(self) -> str:
-        out = self.text[self.emitted:] if self.stopped else self.tokenizer.decode(self.ids, skip_special_tokens=True)[self.emitted:]
-        self.emitted += len(out)
-        return out
 
 
 class Engine:
@@ -191,61 +82,27 @@ class Engine:
                  dtype: str = "auto", budget: int | str = "auto", mode: str = "auto", width: int | None = None,
                  shape: str = "dynamic", lookup: bool = True, context: int = 8192, plan: Plan | None = None,
                  progress: bool = True, target_model=None, profile: str = "saved", simulate=None):
-        self._closed = True
-        self._draft = None
-        self.draft_llama = None     # llama_probe.Verdict: the llama.cpp configuration the draft runs with
         from . import models
-        from .runtime import decode
-        from .runtime.target import TargetError, load_target, resolve_device, resolve_dtype
+        from .runtime.target import TargetError
 
-        assert decode.MODES == MODES
-        if mode not in ("auto",) + MODES:
-            raise UsageError(f"unknown mode {mode!r}: use auto, overlap, sequential or target")
-        if budget != "auto" and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
-            raise UsageError(f"budget must be 'auto' or an integer >= 1, got {budget!r}")
-        if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
-            raise UsageError(f"width must be an integer >= 1, got {width!r}")
-        if profile not in ("auto", "saved", "off"):
-            raise UsageError(f"unknown profile {profile!r}: use auto, saved or off")
-        if isinstance(context, bool) or not isinstance(context, int) or context < 16:
-            raise UsageError(f"context must be an integer >= 16 (tokens), got {context!r}")
-        accelerator = _accelerator(simulate) if simulate is not None else None
-        if target_model is None:
-            try:  # fail fast, before anything is downloaded or loaded
-                resolve_dtype(dtype, resolve_device(device))
-            except TargetError as e:
-                raise UsageError(str(e)) from e
-        registry = models.load_registry()
-        _check_model_arg(model, "target", registry)
-        if mode != "target" and (plan is None or plan.mode != "target"):
-            _check_model_arg(draft, "draft", registry)
-        self._lock = threading.Lock()
-        self._owner: int | None = None      # thread id of the generation holding the lock
-        self._draft_failed = False
-        self.plan = plan or self._plan(mode, None if budget == "auto" else budget)
+        self._closed, self._draft, self._draft_failed = True, None, False
+        self._lock, self._owner = threading.Lock(), None   # the owner: thread id of the generation holding the lock
+        self.draft_llama = None     # llama_probe.Verdict: the llama.cpp configuration the draft runs with
+        accelerator = check_engine_args(model, draft, device, dtype, budget, mode, width, context, plan, profile,
+                                  simulate, target_model)
+        self.plan = plan or default_plan(mode, None if budget == "auto" else budget)
         self.plan.adaptive = self.plan.adaptive and budget == "auto"
-        if width is not None:
-            self.plan.width = width
+        self.plan.width = self.plan.width if width is None else width
         self.plan.shape, self.lookup = shape, lookup
         try:
             tref = models.resolve_target(model, progress=progress)
             dref = models.resolve_draft(draft, progress=progress) if self.plan.mode != "target" else None
-            if target_model is None:
-                try:
-                    with _quiet_loading(progress):
-                        target_model = load_target(tref.hf_dir, device=device, dtype=dtype, name=tref.name,
-                                                   threads=self.plan.target_threads)
-                except (OSError, ValueError, KeyError) as e:   # transformers: a broken or incomplete directory
-                    first = (str(e).strip().splitlines() or [""])[0]
-                    raise DuoError(f"the target model in {tref.hf_dir} failed to load ({type(e).__name__}: "
-                                   f"{first}); check that it is a complete Hugging Face model directory") from e
-            self.target = target_model
-            if accelerator is not None:   # SIMULATION: the recorded target, timed like the accelerator
-                self._simulate(accelerator, plan)
+            self.target, planner = self._target_and_planner(tref, target_model, device, dtype, accelerator,
+                                                            plan is None, progress)
             if dref is not None:
                 models.check_vocab(dref.gguf, self.target.tokenizer, dref.name, tref.name)
             if plan is None and dref is not None and "auto" in (mode, budget) and profile != "off":
-                self._use_profile(tref, dref, device, dtype, mode, budget, quick=profile == "auto",
+                self._use_profile(planner, tref, dref, device, dtype, mode, budget, quick=profile == "auto",
                                   progress=progress)
         except models.VocabMismatchError as e:
             raise UsageError(str(e)) from e
@@ -258,39 +115,45 @@ class Engine:
         self._closed = False
 
     # -- set-up -------------------------------------------------------------------------------
-    @staticmethod
-    def _plan(mode: str, budget: int | None) -> Plan:
-        return default_plan(mode, budget)
+    def _target_and_planner(self, tref, target_model, device, dtype, accelerator, own_plan: bool, progress: bool):
+        """The target and the planner that knows its costs: the torch model with this machine's profile
+        (profiler/profile.py), or, SIMULATION, the recorded target timed like `accelerator` with the
+        accelerator's pass times and this machine's draft (profiler/simulated.py)."""
+        from .profiler import profile, simulated
+        from .runtime.target import load_target
 
-    def _use_profile(self, tref, dref, device, dtype, mode, budget, quick: bool, progress: bool) -> None:
-        """Take mode/budget/threads from this machine's saved profile (`duo profile`), if there is one;
-        with `quick`, measure a quick profile first when there is none."""
-        if getattr(self.target, "simulated", False):   # the accelerator's pass times with this machine's draft
-            from .profiler.simulated import plan_for
-        else:
-            from .profiler.profile import plan_for
-        chosen = plan_for(tref, dref, device, dtype, mode, None if budget == "auto" else budget,
-                          quick_if_missing=quick, target_model=self.target, progress=progress)
-        if chosen is not None:
-            chosen.width = self.plan.width if self.plan.source == "user" else chosen.width
-            chosen.shape, chosen.adaptive = self.plan.shape, self.plan.adaptive
-            self.plan = chosen
-            if chosen.mode == "target" and mode == "auto":
-                log.warning("speculation is off: this machine's profile (%s) predicts the target alone to be "
-                            "fastest; re-measure with `duo profile`, or force it with --mode sequential",
-                            chosen.source)
-
-    def _simulate(self, accelerator, plan: Plan | None) -> None:
-        """SIMULATION: replace the target by its recorded self, timed like `accelerator`; without a given
-        plan the draft gets every core (the simulated accelerator uses none), unpinned."""
+        if target_model is None:
+            try:
+                target_model = load_target(tref.hf_dir, device=device, dtype=dtype, name=tref.name,
+                                           threads=self.plan.target_threads, progress=progress)
+            except (OSError, ValueError, KeyError) as e:   # transformers: a broken or incomplete directory
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise DuoError(f"the target model in {tref.hf_dir} failed to load ({type(e).__name__}: "
+                               f"{first}); check that it is a complete Hugging Face model directory") from e
+        if accelerator is None:
+            return target_model, profile.plan_for
         from .runtime.simulate import SimulatedTarget
-        self.target = SimulatedTarget(self.target, accelerator)
-        if plan is None:
+        if own_plan:   # the simulated accelerator uses no core: the draft gets them all, unpinned
             self.plan.draft_threads, self.plan.target_threads = len(os.sched_getaffinity(0)), 1
             self.plan.draft_cores = self.plan.target_cores = None
+        return SimulatedTarget(target_model, accelerator), simulated.plan_for
+
+    def _use_profile(self, planner, tref, dref, device, dtype, mode, budget, quick: bool, progress: bool) -> None:
+        """Take mode/budget/threads from the planner (this machine's saved `duo profile`, if there is one);
+        with `quick`, measure a quick profile first when there is none."""
+        chosen = planner(tref, dref, device, dtype, mode, None if budget == "auto" else budget,
+                         quick_if_missing=quick, target_model=self.target, progress=progress)
+        if chosen is None:
+            return
+        chosen.width = self.plan.width if self.plan.source == "user" else chosen.width
+        chosen.shape, chosen.adaptive = self.plan.shape, self.plan.adaptive
+        self.plan = chosen
+        if chosen.mode == "target" and mode == "auto":
+            log.warning("speculation is off: this machine's profile (%s) predicts the target alone to be "
+                        "fastest; re-measure with `duo profile`, or force it with --mode sequential", chosen.source)
 
     def _start_draft(self) -> None:
-        from .runtime.draft_worker import DraftClient, DraftConfig, DraftError
+        from .runtime.draft_client import DraftClient, DraftConfig, DraftError
         from .runtime.llama_probe import llama_verdict, unusable_message
         verdict = llama_verdict(self.draft_ref.gguf)   # which llama.cpp configuration runs on this CPU (cached)
         if verdict.chosen is None:
@@ -324,64 +187,38 @@ class Engine:
             a list of chat messages ({"role": ..., "content": ...}), or token ids (used as they are).
         system: a system message put first (text or messages without one).
         """
-        tok = self.target.tokenizer
-        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
-            if min(prompt) < 0 or max(prompt) >= self.target.vocab_size:
-                raise UsageError(f"token ids must be in [0, {self.target.vocab_size}): the target's vocabulary")
-            return list(prompt)
-        if isinstance(prompt, str):
-            if not prompt.strip():
-                raise UsageError("the prompt is empty: give some text")
-            _check_text(prompt, "the prompt")
-            use_chat = chat if chat is not None else bool(getattr(tok, "chat_template", None))
-            if not use_chat:
-                return encode_plain(tok, prompt)
-            prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        elif not isinstance(prompt, (list, tuple)):
-            raise UsageError(f"the prompt must be text, a list of messages or token ids, not {type(prompt).__name__}")
-        if not prompt or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                 and isinstance(m.get("content"), str) for m in prompt):
-            raise UsageError("messages must be a non-empty list of {'role': str, 'content': str} dicts")
-        if system and not any(m.get("role") == "system" for m in prompt):
-            prompt = [{"role": "system", "content": system}] + list(prompt)
-        if not getattr(tok, "chat_template", None):
-            raise UsageError(f"target {self.target.name} has no chat template: pass plain text instead of messages")
-        for m in prompt:
-            _check_text(m["content"], f"the content of a {m['role']!r} message")
-        return encode_chat(tok, prompt)
+        return encode_prompt(self.target.tokenizer, self.target.vocab_size, self.target.name, prompt, system, chat)
 
-    def _decode_config(self, max_new_tokens, temperature, top_p, top_k, seed, n_prompt, overrides) -> DecodeConfig:
+    def _decode_config(self, max_new_tokens, sampling, n_prompt, overrides) -> DecodeConfig:
         from .runtime.decode import DecodeConfig
-        sp = _sampling(temperature, top_p, top_k, seed)
         if n_prompt >= self.context:
             raise UsageError(f"the prompt is {n_prompt} tokens but the context window is {self.context}: "
                              f"shorten the prompt")
-        max_new = min(max_new_tokens, self.context - n_prompt)
-        b = self.plan.budget
-        adaptive = self.plan.adaptive and overrides.get("budget") is None
+        p = self.plan
+        mode = check_mode(overrides.get("mode") or p.mode, allow_auto=False)
+        tree = p.tree.replace(budget=overrides.get("budget"), width=overrides.get("width"), shape=overrides.get("shape"))
+        if mode != "target" and self._draft is not None:   # else the draft would refuse it: a fallback
+            tree.validate(self._draft.cfg.max_nodes, self._draft.cfg.max_seqs)
+        adaptive = p.adaptive and overrides.get("budget") is None
         # a worker slower than 20x its profiled speed for the largest tree hangs
-        timeout = max(2.0, 20 * 2 * b * self.plan.draft_ms_per_token / 1000)
-        own_cores = bool(self.plan.draft_cores and self.plan.target_cores
-                         and not set(self.plan.draft_cores) & set(self.plan.target_cores))
-        cfg = DecodeConfig(max_new_tokens=max_new, sampling=sp, mode=self.plan.mode, budget=b,
-                           width=self.plan.width, shape=self.plan.shape, lookup=self.lookup,
-                           draft_timeout_s=timeout, budget_range=(max(1, b // 4), 2 * b) if adaptive else None,
-                           draft_prefill_alongside=own_cores or bool(getattr(self.target, "simulated", False)),
-                           pause_when_slower=adaptive)
-        for k, v in overrides.items():
-            if v is not None:
-                setattr(cfg, k, v)
-        if cfg.mode not in MODES:
-            raise UsageError(f"unknown mode {cfg.mode!r}: use overlap, sequential or target")
-        if cfg.mode != "target" and self._draft is not None:   # else the draft would refuse them: a fallback
-            dc = self._draft.cfg
-            for name, lo, hi in (("budget", 0, dc.max_nodes), ("width", 1, dc.max_seqs)):
-                v = getattr(cfg, name)
-                if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                    raise UsageError(f"{name} must be an integer in [{lo}, {hi}] for this engine, got {v!r}")
-            if cfg.shape not in ("chain", "dynamic", "eagle"):
-                raise UsageError(f"unknown shape {cfg.shape!r}: use chain, dynamic or eagle")
-        return cfg
+        timeout = max(2.0, 20 * 2 * p.budget * p.draft_ms_per_token / 1000)
+        return DecodeConfig(max_new_tokens=min(max_new_tokens, self.context - n_prompt), sampling=sampling,
+                            mode=mode, tree=tree, lookup=self.lookup if overrides.get("lookup") is None else overrides.get("lookup"),
+                            draft_timeout_s=timeout, budget_range=(max(1, p.budget // 4), 2 * p.budget) if adaptive else None,
+                            draft_prefill_alongside=p.draft_has_own_cores or not self.target.uses_host_cores,
+                            pause_when_slower=adaptive)
+
+    def draft_stats(self):
+        """The draft worker's counters (runtime.channel.DraftStats: busy/idle time, overlap hits...), or None."""
+        return self._draft.stats if self._draft is not None else None
+
+    def draft_round_trips(self, n: int = 1) -> list[float]:
+        """Seconds of n channel round trips to the draft worker (PING), [] without a draft."""
+        return [self._draft.ping() for _ in range(n)] if self._draft is not None else []
+
+    def accelerator_counters(self):
+        """SIMULATION: the simulated accelerator's counters (busy, idle between passes, gaps); None for a real target."""
+        return self.target.counters
 
     def stream_tokens(self, prompt: str | Messages | Sequence[int], *, max_new_tokens: int = 256,
                       temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
@@ -396,26 +233,29 @@ class Engine:
         sweep them). The text may be "" for a round whose characters are not complete yet.
         """
         from .runtime.decode import Stats, generate_tokens
+        from .runtime.placement import pinned, torch_threads
 
         stop = [stop] if isinstance(stop, str) else list(stop or ())
         if any(not isinstance(s, str) or s == "" for s in stop):
             raise UsageError("stop strings must be non-empty text")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise UsageError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        _sampling(temperature, top_p, top_k, seed)
+        sampling = sampling_params(temperature, top_p, top_k, seed)
         stats = stats if stats is not None else Stats()
         with self._exclusive():
             ids = self.encode(prompt, system=system, chat=chat)
-            cfg = self._decode_config(max_new_tokens, temperature, top_p, top_k, seed, len(ids),
+            cfg = self._decode_config(max_new_tokens, sampling, len(ids),
                                       dict(mode=mode, budget=budget, width=width, shape=shape, lookup=lookup))
             if cfg.max_new_tokens == 0:
                 return
-            if getattr(self.target, "simulated", False):   # the recording it replays (made once per prompt)
-                _simulation_call(self.target.prepare, ids, cfg.max_new_tokens, cfg.sampling)
+            try:   # SIMULATION: the recording it replays, made once per prompt (a real target: nothing to do)
+                self.target.prepare(ids, cfg.max_new_tokens, cfg.sampling)
+            except ValueError as e:
+                raise UsageError(str(e)) from e
             self._ensure_draft()
             draft = self._draft if cfg.mode != "target" else None
             text = TextStream(self.target.tokenizer, stop)
-            with _affinity(self.plan.target_cores), _torch_threads(self.plan.target_threads):
+            with pinned(self.plan.target_cores), torch_threads(self.plan.target_threads):
                 gen = generate_tokens(self.target, draft, ids, cfg, stats)
                 try:
                     for new in gen:
@@ -534,126 +374,6 @@ def _warn_if_not_speculating(stats, had_draft: bool) -> None:
                     stats.plain_steps, stats.new_tokens)
 
 
-def _simulation_call(fn, *args):
-    """fn(*args), with the simulation's errors (an unknown profile, sampling) as UsageErrors."""
-    from .runtime.simulate import SimulationError
-    try:
-        return fn(*args)
-    except SimulationError as e:
-        raise UsageError(str(e)) from e
-
-
-def _accelerator(spec):
-    from .runtime.simulate import get_accelerator
-    return _simulation_call(get_accelerator, spec)
-
-
-def _check_text(text: str, what: str) -> None:
-    """A UsageError for text the tokenizer cannot take: lone surrogates (e.g. bytes decoded with
-    errors="surrogateescape") are not Unicode text."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise UsageError(f"{what} is not valid Unicode text (a lone surrogate at character {e.start}, e.g. from "
-                         f"undecodable bytes): decode the input as UTF-8 first") from None
-
-
-def _sampling(temperature, top_p, top_k, seed):
-    """Validated SamplingParams, or a UsageError naming the bad value."""
-    from .sampling import SamplingError, SamplingParams
-    try:
-        return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed).validate()
-    except SamplingError as e:
-        raise UsageError(str(e)) from e
-
-
 def _is_oom(e: BaseException) -> bool:
     import torch
     return isinstance(e, (MemoryError, torch.OutOfMemoryError))
-
-
-def _check_model_arg(spec: str | None, role: str, registry) -> None:
-    """Fail fast with a UsageError on a model argument that cannot work, before anything is loaded.
-
-    None and built-in aliases pass (they are fetched later); a path must exist, be readable, and be
-    a GGUF file (or, for a target, a Hugging Face directory with a config.json).
-    """
-    if spec is None or spec in registry.models:
-        return
-    if not isinstance(spec, (str, os.PathLike)):
-        raise UsageError(f"{role} must be a model alias or a path, not {type(spec).__name__}")
-    known = ", ".join(sorted(a for a, e in registry.models.items() if e.role in (role, ""))) or "none"
-    path = Path(spec).expanduser()
-    if not path.exists():
-        s = str(spec)
-        if os.sep in s or "/" in s or s.startswith((".", "~")) or s.lower().endswith(".gguf"):
-            raise UsageError(f"{role} model not found: {path} does not exist; check the path "
-                             f"(or use a built-in alias: {known})")
-        raise UsageError(f"unknown {role} model '{s}': not a built-in alias ({known}) and no such file or "
-                         f"directory; see 'duo models list'")
-    if path.is_dir():
-        if role == "draft":
-            raise UsageError(f"draft model {path} is a directory; the draft runs in llama.cpp and must be a "
-                             f".gguf file (convert it with llama.cpp's convert_hf_to_gguf.py)")
-        if not (path / "config.json").is_file():
-            raise UsageError(f"target model directory {path} has no config.json; pass a Hugging Face model "
-                             f"directory, a .gguf file or a built-in alias")
-        if not os.access(path, os.R_OK | os.X_OK):
-            raise DuoError(f"cannot read target model directory {path}: permission denied; check its permissions")
-        return
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise DuoError(f"cannot read {role} model {path}: {e.strerror}; check the file and its permissions") from e
-    if magic != b"GGUF":
-        what = ("the draft runs in llama.cpp and must be a .gguf file (convert it with llama.cpp's "
-                "convert_hf_to_gguf.py)") if role == "draft" else \
-            "pass a .gguf file, a Hugging Face model directory or a built-in alias"
-        raise UsageError(f"{role} model {path} is not a GGUF file (it does not start with 'GGUF'); {what}")
-
-
-@contextlib.contextmanager
-def _quiet_loading(progress: bool):
-    """Without progress: no transformers progress bars ("Loading weights") while the target loads."""
-    from transformers.utils import logging as hf_logging
-    was = hf_logging.is_progress_bar_enabled()
-    if not progress:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was and not progress:
-            hf_logging.enable_progress_bar()
-
-
-class _torch_threads:
-    """Use n torch threads for the duration."""
-
-    def __init__(self, n):
-        self.n, self.saved = n, None
-
-    def __enter__(self):
-        import torch
-        self.saved = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        import torch
-        torch.set_num_threads(self.saved)
-
-
-class _affinity:
-    """Pin this process to `cores` for the duration (the draft worker has the others)."""
-
-    def __init__(self, cores):
-        self.cores, self.saved = cores, None
-
-    def __enter__(self):
-        if self.cores:
-            self.saved = os.sched_getaffinity(0)
-            os.sched_setaffinity(0, self.cores)
-
-    def __exit__(self, *exc):
-        if self.saved:
-            os.sched_setaffinity(0, self.saved)

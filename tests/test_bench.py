@@ -7,7 +7,9 @@ import json
 import pytest
 
 from bench import datasets as ds
-from bench.run import markdown, parse_method, rows_json, run_bench
+from bench.methods import parse_method
+from bench.report import markdown, rows_json
+from bench.run import run_bench
 
 KEYS = {"dataset", "method", "prompts", "new_tokens", "tokens_per_s", "speedup", "ttft_s", "mean_accepted_len",
         "acceptance_rate", "exact"}

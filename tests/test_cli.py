@@ -23,7 +23,8 @@ import psutil
 import pytest
 
 from duo import Engine
-from duo.cli import ChatHistory, build_parser
+from duo.chat import ChatHistory
+from duo.cli import build_parser
 from duo.cli import main as cli_main
 from duo.engine import DuoError, TextStream, UsageError
 
@@ -258,19 +259,19 @@ def test_out_of_memory_while_loading(flags, in_process, monkeypatch, capsys):
 def test_out_of_memory_while_generating(flags, in_process, monkeypatch, capsys):
     import torch
 
-    import duo.runtime.decode as decode
+    from duo.runtime.target import TargetModel   # the decode loop calls the target's passes through it
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
 
-    prefill = decode.prefill
-    monkeypatch.setattr(decode, "prefill", oom)      # before the first token (which comes from the prefill)
+    prefill = TargetModel.prefill
+    monkeypatch.setattr(TargetModel, "prefill", oom)      # before the first token (which comes from the prefill)
     code = in_process(["run", *flags, PROMPT])
     out, err = capsys.readouterr()
     assert code == 1 and out == "", (code, out, err)
     assert err.count("\n") == 1 and err.startswith("duo: error: out of memory while generating"), err
-    monkeypatch.setattr(decode, "prefill", prefill)
-    monkeypatch.setattr(decode, "forward_tree", oom)  # mid-answer: what was shown stays, then the error
+    monkeypatch.setattr(TargetModel, "prefill", prefill)
+    monkeypatch.setattr(TargetModel, "forward_tree", oom)  # mid-answer: what was shown stays, then the error
     code = in_process(["run", *flags, PROMPT])
     out, err = capsys.readouterr()
     assert code == 1 and len(out) <= 8, (code, out, err)
@@ -278,12 +279,12 @@ def test_out_of_memory_while_generating(flags, in_process, monkeypatch, capsys):
 
 
 def test_unexpected_error_is_one_line_and_debug_shows_the_traceback(flags, in_process, monkeypatch, capsys):
-    import duo.runtime.decode as decode
+    from duo.runtime.target import TargetModel   # the decode loop calls the target's passes through it
 
     def boom(*a, **k):
         raise RuntimeError("something odd\nsecond line")
 
-    monkeypatch.setattr(decode, "forward_tree", boom)
+    monkeypatch.setattr(TargetModel, "forward_tree", boom)
     assert in_process(["run", *flags, PROMPT]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "something odd" in err and "--debug" in err, err

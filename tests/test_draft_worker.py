@@ -19,9 +19,9 @@ psutil = pytest.importorskip("psutil")
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from duo.runtime.channel import measure_round_trip  # noqa: E402
-from duo.runtime.draft_worker import (  # noqa: E402
-    DraftClient, DraftConfig, DraftDied, DraftError, DraftTimeout, split_budget, top_path,
-)
+from duo.plan import TreeSpec  # noqa: E402
+from duo.runtime.draft_client import DraftClient, DraftConfig, DraftDied, DraftError, DraftTimeout  # noqa: E402
+from duo.runtime.tree_shapes import split_budget  # noqa: E402
 from duo.runtime.tree import Tree  # noqa: E402
 from duo.testing.procs import gone
 
@@ -177,7 +177,7 @@ def test_chain_equals_fresh_greedy_across_rollbacks(draft_gguf, ref):
         c.start(prompt, overlap=False)
         delta: list[int] = []
         for r in range(10):
-            tree = c.request_tree(delta, budget, 1, timeout=30, shape="chain")
+            tree = c.request_tree(delta, TreeSpec(budget, 1, "chain"), timeout=30)
             committed += delta
             bound += len(delta) + 1 + budget
             expect = ref.greedy(committed, budget)
@@ -205,9 +205,9 @@ def test_timeout_keeps_delta_semantics(draft_gguf, ref):
     with DraftClient(cfg(draft_gguf)) as c:
         c.start(prompt, overlap=False)
         with pytest.raises(DraftTimeout):  # the START prefill is still running
-            c.request_tree([], 8, 1, timeout=1e-4, shape="chain")
+            c.request_tree([], TreeSpec(8, 1, "chain"), timeout=1e-4)
         extra = [5, 6, 7]
-        tree = c.request_tree(extra, 8, 1, timeout=30, shape="chain")
+        tree = c.request_tree(extra, TreeSpec(8, 1, "chain"), timeout=30)
         assert tree.tokens.tolist() == ref.greedy(prompt + extra, 8)
 
 
@@ -224,7 +224,7 @@ def test_tree_shapes_are_valid_and_match_fresh_probs(draft_gguf, ref, shape):
         c.start(prompt, overlap=False)
         delta: list[int] = []
         for r, (budget, width) in enumerate([(12, 4), (1, 4), (16, 2), (10, 1), (20, 8), (7, 3)]):
-            tree = c.request_tree(delta, budget, width, timeout=30, shape=shape)
+            tree = c.request_tree(delta, TreeSpec(budget, width, shape), timeout=30)
             committed += delta
             tree.validate(V)
             assert 1 <= len(tree) <= budget
@@ -245,7 +245,7 @@ def test_tree_shapes_are_valid_and_match_fresh_probs(draft_gguf, ref, shape):
                 if shape == "eagle" or tree.parents[i] >= 0:  # children are the top tokens, best first
                     check.top([int(tree.tokens[j]) for j in sib], p, (r, i))
             # accept part of the top path, then a random target token
-            path = top_path(tree)
+            path = tree.top_path()
             k = int(rng.integers(0, len(path) + 1))
             delta = [int(tree.tokens[j]) for j in path[:k]] + [int(rng.integers(0, V))]
     check.done()
@@ -258,7 +258,7 @@ def test_dynamic_branching_rule(draft_gguf, ref):
         for trial in range(4):
             prompt = rng.integers(3, ref.n_vocab, 12).tolist()
             c.start(prompt, overlap=False)
-            tree = c.request_tree([], 16, 4, timeout=30, shape="dynamic")
+            tree = c.request_tree([], TreeSpec(16, 4, "dynamic"), timeout=30)
             p = ref.probs(prompt)
             top = np.argsort(-p, kind="stable")[:4]
             p1 = p[top[0]]
@@ -282,7 +282,7 @@ def test_overlap_hits_equal_fresh_trees(draft_gguf, ref, shape, width):
     prompt = rng.integers(3, ref.n_vocab, 20).tolist()
     budget = 10
     with DraftClient(cfg(draft_gguf)) as a, DraftClient(cfg(draft_gguf)) as b:
-        a.start(prompt, overlap=True, budget=budget, width=width, shape=shape)
+        a.start(prompt, overlap=True, spec=TreeSpec(budget, width, shape))
         b.start(prompt, overlap=False)
         committed = list(prompt)
         delta = ref.greedy(committed, 1)   # the target's first token, from its prefill: the draft guessed it
@@ -290,13 +290,13 @@ def test_overlap_hits_equal_fresh_trees(draft_gguf, ref, shape, width):
         for r in range(6):
             if r % 2:
                 time.sleep(0.2)  # let the worker finish the prepared tree (else: finish on request)
-            ta = a.request_tree(delta, budget, width, timeout=30, shape=shape)
-            tb = b.request_tree(delta, budget, width, timeout=30, shape=shape)
+            ta = a.request_tree(delta, TreeSpec(budget, width, shape), timeout=30)
+            tb = b.request_tree(delta, TreeSpec(budget, width, shape), timeout=30)
             committed += delta
             # same tokens and shape; the probabilities within 1e-3: drafted ahead, the root and the first
             # token are decoded in batches of 1 (the first token was a guess), fresh in one batch of 2
             same_tree(ta, tb, atol=1e-3)
-            path = [int(ta.tokens[i]) for i in top_path(ta)]
+            path = [int(ta.tokens[i]) for i in ta.top_path()]
             if r == 3:  # the target disagrees: a miss
                 delta = path[:1] + [(ref.greedy(committed + path[:1], 1)[0] + 1) % ref.n_vocab]
             else:       # the target takes the top path and the draft's own next token
@@ -323,10 +323,10 @@ def test_worker_reports_errors_and_recovers(draft_gguf, ref):
     with DraftClient(cfg(draft_gguf)) as c:
         c.start(prompt, overlap=False)
         with pytest.raises(DraftError, match="out of range"):
-            c.request_tree([ref.n_vocab + 5], 4, 1, timeout=30, shape="chain")
+            c.request_tree([ref.n_vocab + 5], TreeSpec(4, 1, "chain"), timeout=30)
         with pytest.raises(ValueError):
-            c.request_tree([], 1000, 1, timeout=30, shape="chain")
-        tree = c.request_tree([9], 4, 1, timeout=30, shape="chain")
+            c.request_tree([], TreeSpec(1000, 1, "chain"), timeout=30)
+        tree = c.request_tree([9], TreeSpec(4, 1, "chain"), timeout=30)
         assert tree.tokens.tolist() == ref.greedy(prompt + [9], 4)
         assert c.alive()
 
@@ -355,11 +355,11 @@ def test_sigkilled_worker_raises_promptly(draft_gguf):
     c = DraftClient(cfg(draft_gguf))
     pid = c.worker_pid
     c.start([1, 2, 3, 4], overlap=False)
-    c.request_tree([], 4, 1, timeout=30, shape="chain")
+    c.request_tree([], TreeSpec(4, 1, "chain"), timeout=30)
     os.kill(pid, signal.SIGKILL)
     t0 = time.monotonic()
     with pytest.raises(DraftDied):
-        c.request_tree([5], 4, 1, timeout=30, shape="chain")
+        c.request_tree([5], TreeSpec(4, 1, "chain"), timeout=30)
     assert time.monotonic() - t0 < 2.0
     assert not c.alive()
     with pytest.raises(DraftDied):
@@ -386,7 +386,7 @@ def test_sigkilled_target_leaves_no_orphan(draft_gguf):
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(REPO)!r})
-        from duo.runtime.draft_worker import DraftClient, DraftConfig
+        from duo.runtime.draft_client import DraftClient, DraftConfig
         c = DraftClient(DraftConfig(gguf_path={draft_gguf!r}, n_ctx=256))
         c.start([1, 2, 3], overlap=True)
         print(c.worker_pid, c._chan.spec.name, flush=True)

@@ -5,7 +5,7 @@ bad parent index, bad length).
 In every case: the generation completes with the target's own greedy output, the stats report the fallback,
 the next generation on the same Engine speculates again (a new worker), and nothing is left behind (the old
 worker is gone; /dev/shm holds only the live channel, and nothing of this pid once the engines close).
-Faults inside the worker come from its test hook, DraftConfig.fault (duo.runtime.draft_worker.Fault).
+Faults inside the worker come from its test hook, DraftConfig.fault (duo.testing.faults.Fault).
 `pytest -s` prints the fault matrix (fault x outcome) at the end of the module.
 
 Also here: leaks after hard kills (a SIGKILLed process group leaves its segment, the next channel sweeps
@@ -31,7 +31,9 @@ from duo import Engine
 from duo.engine import Plan
 from duo.runtime import channel as ch
 from duo.runtime.decode import Stats
-from duo.runtime.draft_worker import DraftClient, DraftConfig, DraftError, DraftTimeout
+from duo.plan import TreeSpec
+from duo.sampling import SamplingParams
+from duo.runtime.draft_client import DraftClient, DraftConfig, DraftError, DraftTimeout
 from duo.testing.procs import gone
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,19 +168,19 @@ def test_crash_inside_llama_decode(engines, reference, n):
 # ------------------------------------------------------------------------------------ hangs
 def test_hang_timeout_is_derived_from_draft_speed(engines):
     e = engines["sequential"]
-    cfg = e._decode_config(16, 0.0, 1.0, 0, None, 10, {})
+    cfg = e._decode_config(16, SamplingParams(), 10, {})
     assert cfg.draft_timeout_s == max(2.0, 20 * 2 * e.plan.budget * DRAFT_MS / 1000) == 2.0
     saved = e.plan.draft_ms_per_token
     try:
         e.plan.draft_ms_per_token = 40.0   # a 8x slower draft waits 8x longer before calling it hung
-        assert e._decode_config(16, 0.0, 1.0, 0, None, 10, {}).draft_timeout_s == pytest.approx(20 * 2 * 8 * 0.040)
+        assert e._decode_config(16, SamplingParams(), 10, {}).draft_timeout_s == pytest.approx(20 * 2 * 8 * 0.040)
     finally:
         e.plan.draft_ms_per_token = saved
 
 
 @pytest.mark.parametrize("mode", ["sequential", "overlap"])
 def test_sigstop(engines, reference, mode):
-    timeout = engines[mode]._decode_config(16, 0.0, 1.0, 0, None, 10, {}).draft_timeout_s
+    timeout = engines[mode]._decode_config(16, SamplingParams(), 10, {}).draft_timeout_s
 
     def on_round(e, pid, i):
         if i == 1:
@@ -201,21 +203,21 @@ def test_slow_is_not_hung(tiny_pair):
     with DraftClient(cfg) as c:
         c.start(prompt, overlap=False)
         t0 = time.monotonic()
-        tree = c.request_tree([], 4, 1, timeout=1.0, shape="chain")   # ~6 x 0.25 s prefill + 4 x 0.25 s
+        tree = c.request_tree([], TreeSpec(4, 1, "chain"), timeout=1.0)   # ~6 x 0.25 s prefill + 4 x 0.25 s
         assert len(tree) == 4 and time.monotonic() - t0 > 1.5
     cfg.fault = "hang_at_decode:3"
     with DraftClient(cfg) as c:
         c.start(prompt, overlap=False)
         t0 = time.monotonic()
         with pytest.raises(DraftTimeout):
-            c.request_tree([], 4, 1, timeout=1.0, shape="chain")
+            c.request_tree([], TreeSpec(4, 1, "chain"), timeout=1.0)
         assert time.monotonic() - t0 < 2 * 1.0 + 1.0   # at most one more period after the last heartbeat
 
 
 @pytest.mark.parametrize("mode,n", [("sequential", 6), ("overlap", 9)])
 def test_hang_inside_llama_decode(engines, reference, mode, n):
     """The n-th llama_decode never returns; the process is alive (not stopped) and must be killed."""
-    timeout = engines[mode]._decode_config(16, 0.0, 1.0, 0, None, 10, {}).draft_timeout_s
+    timeout = engines[mode]._decode_config(16, SamplingParams(), 10, {}).draft_timeout_s
     row = run_case(engines, reference, f"hang_at_decode:{n}", mode, spec=f"hang_at_decode:{n}", expect="timeout")
     assert timeout * 0.9 <= row["detect_s"] <= 2 * timeout + 1.5, row
 
@@ -250,10 +252,10 @@ def test_wrong_round_is_rejected_by_the_client(tiny_pair):
         c.start([5, 6, 7, 8], overlap=False)
         t0 = time.monotonic()
         with pytest.raises(DraftError, match="corrupt reply.*round 1002.*expected round 2"):
-            c.request_tree([], 4, 1, timeout=30, shape="chain")
+            c.request_tree([], TreeSpec(4, 1, "chain"), timeout=30)
         assert time.monotonic() - t0 < 5
         assert c.alive()
-        assert len(c.request_tree([9], 4, 1, timeout=30, shape="chain")) == 4  # one-shot: the next reply is fine
+        assert len(c.request_tree([9], TreeSpec(4, 1, "chain"), timeout=30)) == 4  # one-shot: the next reply is fine
 
 
 def test_fault_hook_is_off_by_default_and_checked(tiny_pair):
@@ -266,7 +268,7 @@ def test_fault_hook_is_off_by_default_and_checked(tiny_pair):
 KILLED = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, sys.argv[2])
-    from duo.runtime.draft_worker import DraftClient, DraftConfig
+    from duo.runtime.draft_client import DraftClient, DraftConfig
     c = DraftClient(DraftConfig(gguf_path=sys.argv[1], n_ctx=256))
     c.start([1, 2, 3], overlap=True)
     print(c._chan.spec.name, flush=True)

@@ -78,10 +78,13 @@ def test_expected_tokens_chain_is_one_plus_survival_sum():
 
 
 def test_tree_adds_alternatives_and_splits_like_the_drafter():
-    from duo.runtime.draft_worker import split_budget
+    from duo.runtime.tree_shapes import split_budget
 
+    assert cost.split_budget is split_budget   # the cost model splits with the drafter's own function
+    want = {10: [5, 3, 2], 7: [6, 1], 4: [1, 1, 1, 1], 16: [13, 1, 1, 1]}   # 1 each + the rest pro rata
     for b, ws in [(10, [0.5, 0.2, 0.1]), (7, [0.9, 0.01]), (4, [0.3, 0.3, 0.3, 0.1]), (16, [1, 1e-3, 1e-3, 1e-3])]:
-        assert cost.split_budget(b, ws) == split_budget(b, ws)
+        got = split_budget(b, ws)
+        assert got == want[b] and sum(got) == b and all(type(x) is int and x >= 1 for x in got)
     acc = cost.Acceptance([0.6] * 10, [0.6, 0.2, 0.1])
     chain, tree = cost.expected_tokens(acc, 8, 1), cost.expected_tokens(acc, 8, 3)
     lengths = cost.branch_lengths(acc, 8, 3)
@@ -314,12 +317,12 @@ def test_plan_for_uses_the_saved_profile_and_warns_about_the_closest(tmp_path, m
 # ------------------------------------------------------------------------------------------- end to end
 def test_benchmarks_run_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path):
     from duo.models import DraftRef, TargetRef
-    from duo.profiler import bench
     from duo.profiler.cli import format_report
+    from duo.profiler.timing import Settings
 
-    s = bench.Settings(contexts=(16, 32), ns=(1, 2, 4, 8), other_ns=(1, 8), context_ns=(1, 8), stop_ratio=None, min_reps=1, max_reps=1, draft_steps=2,
-                       draft_context=16, ping_reps=3, max_new_tokens=8, chain_budget=3, tree_budget=3,
-                       max_prompts=2, draft_threads=(1,))
+    s = Settings(contexts=(16, 32), ns=(1, 2, 4, 8), other_ns=(1, 8), context_ns=(1, 8), stop_ratio=None, min_reps=1, max_reps=1, draft_steps=2,
+                 draft_context=16, ping_reps=3, max_new_tokens=8, chain_budget=3, tree_budget=3,
+                 max_prompts=2, draft_threads=(1,))
     prof, path = P.create_profile(TargetRef("tiny", tiny_pair.target_hf_dir, tiny_pair.target_gguf),
                                   DraftRef("tiny-draft", tiny_pair.draft_gguf), device="cpu", dtype="float32",
                                   settings=s, progress=False, save=False)
@@ -342,12 +345,60 @@ def test_benchmarks_run_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path):
 
 
 def test_verify_curve_is_made_monotone():
-    from duo.profiler.profile import monotone
+    from duo.profiler.profile import min_over_larger
     # n=1 measured slower than n=2 (a competing process): the model uses the faster, larger pass
-    assert monotone({1: 463.0, 2: 458.0, 4: 507.0, 8: 500.0, 16: 720.0}) == {1: 458.0, 2: 458.0, 4: 500.0, 8: 500.0,
-                                                                          16: 720.0}
+    noisy = {1: 463.0, 2: 458.0, 4: 507.0, 8: 500.0, 16: 720.0}
+    assert min_over_larger(noisy) == {1: 458.0, 2: 458.0, 4: 500.0, 8: 500.0, 16: 720.0}
     clean = {1: 280.0, 2: 300.0, 4: 430.0}
-    assert monotone(clean) == clean
+    assert min_over_larger(clean) == clean
+    # the cost model's own smoothing (draft widths, any verify curve) is the running maximum; a profile's curve
+    # is already non-decreasing, so the running maximum leaves it as it is
+    assert cost.running_max({1: 10.0, 2: 9.0, 4: 12.0}) == {1: 10.0, 2: 10.0, 4: 12.0}
+    assert cost.running_max(clean) == clean
+    assert cost.running_max(min_over_larger(noisy)) == min_over_larger(noisy)
+
+
+def test_recorder_forwards_the_draft_client_api_and_keeps_the_trees():
+    from duo.plan import TreeSpec
+    from duo.profiler.acceptance import Recorder
+
+    class Client:
+        stats = "stats"
+
+        def __init__(self):
+            self.calls = []
+
+        def start(self, prompt, *, overlap, spec=None):
+            self.calls.append(("start", prompt, overlap, spec))
+
+        def request_tree(self, delta, spec, timeout):
+            self.calls.append(("request_tree", delta, spec, timeout))
+            return f"tree {len(self.calls)}"
+
+        def catch_up(self, delta, timeout):
+            self.calls.append(("catch_up", delta, timeout))
+            return True
+
+        def alive(self):
+            return True
+
+    client, spec = Client(), TreeSpec(3, 1, "chain")
+    rec = Recorder(client)
+    rec.start([1, 2], overlap=False, spec=spec)
+    assert rec.request_tree([], spec, 5.0) == "tree 2" and rec.catch_up([7], 5.0) and rec.alive()
+    assert rec.request_tree([8], spec, 5.0) == "tree 4"
+    assert rec.trees == ["tree 2", "tree 4"] and rec.stats == "stats" and rec.draft_s >= 0
+    assert client.calls == [("start", [1, 2], False, spec), ("request_tree", [], spec, 5.0), ("catch_up", [7], 5.0),
+                            ("request_tree", [8], spec, 5.0)]
+
+
+def test_the_draft_benchmark_child_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, duo.profiler.benchers, duo.profiler.timing; "
+            "from duo.profiler.benchers import _draft_child; assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_in_loop_slowdown_of_verification_is_calibrated_from_the_decodes():

@@ -56,7 +56,7 @@ def test_simulated_output_is_the_recording(tiny_pair, sim_cache):
     for mode, budget, shape in CONFIGS:
         with Engine(str(tiny_pair.target_hf_dir), str(tiny_pair.draft_gguf), device="cpu", mode=mode, budget=budget,
                     shape=shape, progress=False, simulate=FAST) as e:
-            assert e.target.simulated and e.plan.draft_cores is None and e.plan.target_cores is None
+            assert not e.target.uses_host_cores and e.plan.draft_cores is None and e.plan.target_cores is None
             for p in PROMPTS:
                 before = e.target.counters.forwards
                 res = e.generate(p, max_new_tokens=40)
@@ -86,21 +86,20 @@ def test_forward_tree_answers_from_the_record():
     sim = S.SimulatedTarget(Fake(), dict(name="t", base_ms=2.0, per_token_ms=0.5))
     prompt = [5, 6, 7]
     sim._records[tuple(prompt)] = S.Record([10, 11, 12, 13, 14], "length", 5, "fake", "h", 3)
-    ops = sim.ops
-    cache = ops.new_cache()
-    assert ops.prefill(sim, cache, prompt).tolist() == [10]   # the prompt's first token, as logits give it
+    cache = sim.new_cache()
+    assert sim.prefill(cache, prompt).tolist() == [10]   # the prompt's first token, as logits give it
     # root 10; tree: 11 -> 12 -> 99, 11 -> 13, 42
     tree = Tree([11, 12, 99, 13, 42], [-1, 0, 1, 0, -1], np.ones(5))
-    ch = ops.forward_tree(sim, cache, 10, tree)
+    ch = sim.forward_tree(cache, 10, tree)
     assert ch.tolist() == [11, 12, 13, S.NO_TOKEN, S.NO_TOKEN, S.NO_TOKEN]
-    assert ops.cache_length(cache) == 3 + 1 + 5
-    ops.compact_cache(cache, 4, [0, 1])          # accepted 11, 12; bonus 13
+    assert sim.cache_length(cache) == 3 + 1 + 5
+    sim.compact_cache(cache, 4, [0, 1])          # accepted 11, 12; bonus 13
     assert cache.tokens == [5, 6, 7, 10, 11, 12]
-    ch = ops.forward_tree(sim, cache, 13, Tree([14], [-1], np.ones(1)))
+    ch = sim.forward_tree(cache, 13, Tree([14], [-1], np.ones(1)))
     assert ch.tolist() == [14, S.NO_TOKEN]       # beyond the record: no token
     with pytest.raises(S.SimulationError, match="left the recording"):
-        ops.compact_cache(cache, 7, [])
-        ops.forward_tree(sim, cache, 99, Tree.empty())   # 99 was never the target's token
+        sim.compact_cache(cache, 7, [])
+        sim.forward_tree(cache, 99, Tree.empty())   # 99 was never the target's token
     assert sim.counters.forwards == 2 and sim.counters.gaps == 1   # the gap before the first pass is not steady
     # prefill of 3 tokens (one pass), then passes over 6 and 2 tokens
     assert sim.counters.busy_s == pytest.approx((2 + (2 + 5 * 0.5) + (2 + 1 * 0.5)) / 1000, rel=1e-6)

@@ -9,7 +9,8 @@ import pytest
 from duo import Engine
 from duo.runtime import llama_probe as P
 from duo.runtime.decode import DecodeConfig, Stats, generate_tokens
-from duo.runtime.draft_worker import DraftClient, DraftConfig, DraftError
+from duo.plan import TreeSpec
+from duo.runtime.draft_client import DraftClient, DraftConfig, DraftError
 from duo.runtime.governor import Governor, cap_budget
 
 
@@ -43,7 +44,7 @@ def test_a_child_killed_by_sigill_is_caught_and_the_plain_variant_taken(tiny_pai
     # and the draft worker, which asks the probe, runs with the plain variant
     with DraftClient(DraftConfig(gguf_path=str(tiny_pair.draft_gguf), n_ctx=256, load_timeout_s=60)) as c:
         c.start([5, 6, 7, 8], overlap=False)
-        assert len(c.request_tree([], 4, 1, 30.0, "chain")) == 4
+        assert len(c.request_tree([], TreeSpec(4, 1, "chain"), 30.0)) == 4
 
 
 def test_a_draft_that_cannot_run_anywhere_is_an_error_naming_the_fix(tiny_pair, fresh_probe, monkeypatch):
@@ -98,7 +99,7 @@ class _Recorder:
     def start(self, prompt, **kw):
         self.events.append(("start", len(prompt)))
 
-    def request_tree(self, delta, budget, width, timeout, shape):
+    def request_tree(self, delta, spec, timeout):
         from duo.runtime.tree import Tree
         self.events.append(("tree", len(delta)))
         return Tree.empty()
@@ -140,7 +141,7 @@ def test_catch_up_keeps_the_paused_draft_in_step(tiny_pair):
         a.ping(timeout=30.0)                                    # START answered: nothing owed
         sent = [a.catch_up([t], timeout=30.0) for t in delta]   # False: still busy, kept for the next call
         assert sent[0] is True
-        ta = a.request_tree([], 6, 1, 30.0, "chain")
-        tb = b.request_tree(delta, 6, 1, 30.0, "chain")
+        ta = a.request_tree([], TreeSpec(6, 1, "chain"), 30.0)
+        tb = b.request_tree(delta, TreeSpec(6, 1, "chain"), 30.0)
         assert ta.tokens.tolist() == tb.tokens.tolist() and len(ta) == 6
         assert a.stats.n_decoded >= len(prompt) + len(delta) - 1

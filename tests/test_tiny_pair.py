@@ -231,7 +231,7 @@ def test_quantized_draft_gguf(tiny_pair, tiny_pair_q):
     import gguf
     from gguf.quants import dequantize
 
-    from duo.testing.tiny_pair import _hf_name
+    from duo.testing.tiny_weights import hf_name as _hf_name
 
     assert "draft_quant" not in tiny_pair.params and tiny_pair.draft_quant is None
     assert tiny_pair_q.draft_quant == "q4_0" and tiny_pair_q.params["draft_quant"] == "q4_0"

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from duo.runtime.target import (TargetModel, accept_path, ancestor_matrix, check_tree_support, compact_cache,
+from duo.runtime.tree import accept_path
+from duo.runtime.target import (TargetModel, ancestor_matrix, check_tree_support, compact_cache,
                                 forward_tree, new_cache, prefill)
 from duo.runtime.tree import Tree
 

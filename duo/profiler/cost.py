@@ -6,7 +6,8 @@ One round commits E tokens (the accepted path plus the target's bonus token) and
         S(d) = P(the draft's greedy chain is accepted to depth >= d)   (measured acceptance curve)
         q_r  = P(the path enters through the root's rank-r alternative)   (measured on dynamic trees)
         C(d) = P(a branch entered at depth 1 reaches depth d) = S(d) / S(1)
-        L_r  = the budget split over the w branches as the drafter splits it (each >= 1, pro rata)
+        L_r  = the budget split over the w branches as the drafter splits it (each >= 1, pro rata:
+               duo.runtime.tree_shapes.split_budget itself)
     target-only:  T = verify(1) + overhead
     sequential:   T = draft(budget, width) + verify(1 + budget) + channel + overhead
     overlap:      T = p * max(verify', draft' + step') + (1 - p) * (verify' + draft) + channel + overhead
@@ -27,11 +28,12 @@ beat target-only by `margin` (relative) to be chosen.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
-MODES = ("target", "sequential", "overlap")
+from ..plan import MODES
+from ..runtime.tree_shapes import split_budget
+
 WIDTHS = (1, 2, 4)
 DEFAULT_MARGIN = 0.03
 
@@ -95,20 +97,6 @@ class Acceptance:
         return asdict(self)
 
 
-def split_budget(budget: int, weights: list[float]) -> list[int]:
-    """Branch lengths, each >= 1, summing to budget; the rest pro rata (largest remainder, ties to the
-    earlier branch). The drafter's own rule (duo.runtime.draft_worker.split_budget)."""
-    n = len(weights)
-    total = sum(weights)
-    share = [(budget - n) * w / total if total > 0 else 0.0 for w in weights]
-    base = [math.floor(s) for s in share]
-    rest = budget - n - sum(base)
-    order = sorted(range(n), key=lambda i: (-(share[i] - base[i]), i))
-    for i in order[:rest]:
-        base[i] += 1
-    return [b + 1 for b in base]
-
-
 def branch_lengths(acc: Acceptance, budget: int, width: int) -> list[int]:
     """Branch lengths of a dynamic tree: branch 0 is the greedy chain, branch r the rank-r alternative."""
     if budget <= 0:
@@ -159,8 +147,8 @@ def interp(points: dict, x: float) -> float:
     return float(points[b] + slope * (x - b))
 
 
-def monotone(points: dict) -> dict:
-    """Running maximum in x: more tokens never cost less (smooths measurement noise)."""
+def running_max(points: dict) -> dict:
+    """Running maximum in x: more tokens (or a wider batch) never cost less (smooths measurement noise)."""
     out, top = {}, 0.0
     for x in sorted(points):
         top = max(top, float(points[x]))
@@ -186,8 +174,10 @@ class Measurements:
                               # (0 for a simulated accelerator: duo.runtime.simulate)
 
     def __post_init__(self):
-        self.draft_ms = {int(t): monotone({int(w): float(v) for w, v in d.items()}) for t, d in self.draft_ms.items()}
-        self.verify_ms = {int(t): monotone({int(n): float(v) for n, v in d.items()}) for t, d in self.verify_ms.items()}
+        self.draft_ms = {int(t): running_max({int(w): float(v) for w, v in d.items()})
+                         for t, d in self.draft_ms.items()}
+        self.verify_ms = {int(t): running_max({int(n): float(v) for n, v in d.items()})
+                          for t, d in self.verify_ms.items()}
         self.tree_factor = max(1.0, float(self.tree_factor))  # a mask never makes a pass cheaper: noise
         self.interference = {int(k): (float(v[0]), float(v[1])) for k, v in self.interference.items()}
         if not self.draft_ms or not self.verify_ms:
@@ -337,7 +327,8 @@ def choose_budget(m: Measurements, modes=MODES, budgets=None, widths=None, margi
     base = max(base_rows, key=lambda r: r.tps) if base_rows else None
     target_tps = base.tps if base else max(evaluate(m, "target", 0, 1, 0, tt).tps for _, tt in m.splits("target"))
     spec = [r for r in rows if r.mode != "target"]
-    best = max(spec, key=lambda r: (r.tps, -r.budget, -r.width)) if spec else None
+    # exact ties: the smaller tree, then the simpler schedule (sequential)
+    best = max(spec, key=lambda r: (r.tps, -r.budget, -r.width, r.mode == "sequential")) if spec else None
     if best is None or (base is not None and best.tps <= base.tps * (1 + margin)):
         best = base
     return Choice(best.mode, best.budget, best.width, best.draft_threads, best.target_threads, best.tps,

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import cost
+from . import cost, plans
 from .inventory import Inventory
 
 log = logging.getLogger("duo")
@@ -87,7 +87,7 @@ def profile_key(inv: Inventory, target: dict, draft: dict | None) -> dict:
 
 def environment(inv: Inventory) -> dict:
     """Facts that may change timings without invalidating the profile."""
-    from .. import __version__
+    from ..version import __version__
     return {"duo": __version__, "torch": inv.torch, "torch_cuda": inv.torch_cuda, "transformers": inv.transformers,
             "llama_cpp": inv.llama_cpp, "gpu_drivers": sorted({g.driver for g in inv.gpus if g.driver}),
             "freq_max_mhz": inv.freq_max_mhz}
@@ -210,8 +210,8 @@ def warn_changes(changes: list[str], what: str) -> None:
         log.warning("%s:\n  %s", what, "\n  ".join(changes))
 
 
-# ------------------------------------------------------------------------------------------- plans
-def monotone(curve: dict[int, float]) -> dict[int, float]:
+# ------------------------------------------------------------------------------------------- cost model view, plan
+def min_over_larger(curve: dict[int, float]) -> dict[int, float]:
     """verify(n) = min over m >= n of the measured verify(m): a pass over fewer tokens is never slower,
     so a larger time at smaller n is noise (another process took a core) and must not steer the choice."""
     out, best = {}, float("inf")
@@ -265,7 +265,7 @@ def measurements_from_profile(profile: dict) -> cost.Measurements:
         if ratios:
             factors[t] = (1 + sum(ratios)) / (1 + len(ratios))
     default_factor = factors[max(factors)] if factors else 1.0
-    verify = {t: monotone({k: v * factors.get(t, default_factor) for k, v in per_ctx[ref].items()})
+    verify = {t: min_over_larger({k: v * factors.get(t, default_factor) for k, v in per_ctx[ref].items()})
               for t, per_ctx in by.items() if ref in per_ctx}
     in_loop, tree_in_loop = in_loop_factors(m, verify)
     a = m["acceptance"]
@@ -279,47 +279,16 @@ def measurements_from_profile(profile: dict) -> cost.Measurements:
         supports_tree=bool(m.get("supports_tree", True)))
 
 
-def choose(profile: dict, mode: str = "auto", budget: int | None = None) -> cost.Choice:
-    """The best configuration allowed by a user's mode and budget."""
-    m = measurements_from_profile(profile)
-    modes = cost.MODES if mode == "auto" else (mode,)
-    if budget is not None and mode == "auto":
-        modes = ("sequential", "overlap")  # a budget asks for drafting
-    if budget is not None and mode != "target":
-        top = max(max(v) for v in m.verify_ms.values()) - 1
-        try:
-            return cost.choose_budget(m, modes=modes, budgets=[min(budget, top)])
-        except ValueError:  # beyond what was measured for these modes: their best settings otherwise
-            pass
-    return cost.choose_budget(m, modes=modes)
-
-
 def plan_from_profile(profile: dict, mode: str = "auto", budget: int | None = None):
-    """duo.engine.Plan from a profile: the predicted-fastest schedule (within `mode` / `budget`)."""
-    from ..engine import Plan
-
-    if mode not in ("auto",) + cost.MODES:
-        raise ValueError(f"unknown mode {mode!r}")
+    """duo.plan.Plan from a profile: the predicted-fastest schedule (within `mode` / `budget`); the overlap
+    schedule's draft pinned to the last cores."""
     m = measurements_from_profile(profile)
-    c = choose(profile, mode, budget)
+    c = plans.choose(m, mode, budget)
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) != m.n_cores:
         cores = list(profile["measurements"].get("cores") or cores)
-    plan = Plan(mode=c.mode, budget=budget or (c.budget if c.mode != "target" else 16), width=c.width,
-                shape="dynamic" if c.width > 1 else "chain", source=f"profile {profile['fingerprint']}")
-    if c.mode == "target":  # draft settings for a later per-call override: the best sequential ones
-        seq = cost.choose_budget(m, modes=("sequential",))
-        plan.target_threads = c.target_threads
-        plan.draft_threads = seq.draft_threads
-        plan.draft_ms_per_token = round(m.step(seq.draft_threads, 1), 3)
-        return plan
-    plan.draft_threads, plan.target_threads = c.draft_threads, c.target_threads
-    step = m.step(c.draft_threads, 1)
-    if c.mode == "overlap" and 0 < c.draft_threads < len(cores):
-        plan.draft_cores, plan.target_cores = cores[-c.draft_threads:], cores[:-c.draft_threads]
-        step *= m.interference.get(c.draft_threads, (1.0, 1.0))[0]
-    plan.draft_ms_per_token = round(step, 3)
-    return plan
+    return plans.plan_from_choice(m, c, budget, f"profile {profile['fingerprint']}", cores=cores,
+                                  target_mode_budget=16)
 
 
 # ------------------------------------------------------------------------------------------- profiling
@@ -331,15 +300,15 @@ def create_profile(target=None, draft=None, device: str = "auto", dtype: str = "
     target / draft: duo.models refs, or a spec string / None for resolve_target / resolve_draft."""
     from .. import models
     from ..runtime.target import load_target
-    from . import bench, inventory
+    from . import bench, calibration_prompts, inventory, timing
 
     t0 = time.perf_counter()
     tref = target if hasattr(target, "hf_dir") else models.resolve_target(target, progress=progress)
     dref = draft if hasattr(draft, "gguf") and not hasattr(draft, "hf_dir") else models.resolve_draft(draft, progress=progress)
     inv = inventory.collect(device, dtype)
     key = key_for(tref, dref, inv)
-    s = settings or bench.Settings.for_mode(quick)
-    prompt_list = bench.load_prompts(prompts)
+    s = settings or timing.Settings.for_mode(quick)
+    prompt_list = calibration_prompts.load_prompts(prompts)
     n = len(inv.usable_cores)
     if progress:
         print(f"duo: profiling {'(quick) ' if s.quick else ''}{tref.name} + {dref.name} on {inv.device} "

@@ -22,12 +22,11 @@ import datetime
 import json
 import logging
 import os
-import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from . import cost
+from . import cost, plans
 
 log = logging.getLogger("duo")
 
@@ -86,53 +85,39 @@ def saved_measurements(tref, dref, device: str = "auto", dtype: str = "auto",
     return data["measurements"], f"calibration {path}"
 
 
-def calibrate(sim_target, draft_gguf, prompts=None, settings=None, progress: bool = True) -> dict:
+def calibrate(real_target, draft_gguf, prompts=None, settings=None, progress: bool = True) -> dict:
     """Measure this machine's draft (decode steps by threads and width, channel) and the acceptance
-    against the replayed target (calibration prompts decoded sequentially, lookup off). The target's
-    recordings of the prompts are made first if missing: the only use of the real target."""
-    from ..runtime.draft_worker import DraftClient, DraftConfig
+    against the replayed target (calibration prompts decoded sequentially, lookup off). `real_target`: the
+    target itself (a SimulatedTarget's `.target`); it makes its recordings of the prompts first if missing,
+    its only use."""
     from ..runtime.simulate import Accelerator, SimulatedTarget
-    from . import bench
+    from .acceptance import decode_calibration
+    from .bench import default_draft_threads
+    from .benchers import draft_steps
+    from .calibration_prompts import encode_prompts, filler, load_prompts
+    from .timing import Settings, progress_bar
 
-    s = settings or bench.Settings.for_mode(True)
+    s = settings or Settings.for_mode(True)
     cores = sorted(os.sched_getaffinity(0))
     n = len(cores)
-    real = sim_target.target if getattr(sim_target, "simulated", False) else sim_target
-    zero = SimulatedTarget(real, Accelerator("zero-time", 0.0))   # the draft's own time only
-    prompt_ids = bench.encode_prompts(real.tokenizer, bench.load_prompts(prompts))
+    zero = SimulatedTarget(real_target, Accelerator("zero-time", 0.0))   # the draft's own time only
+    prompt_ids = encode_prompts(real_target.tokenizer, load_prompts(prompts))
+    threads = default_draft_threads(n)
     t0 = time.perf_counter()
-    bar = bench._progress(len(prompt_ids) * 2 + n, progress)
+    bar = progress_bar(len(prompt_ids) + len(threads) + 1 + s.decode_jobs(len(prompt_ids)), progress)
     try:
         bar.set_description("recording the target on the calibration prompts")
         for ids in prompt_ids:
             zero.prepare(ids, s.max_new_tokens)
             bar.update(1)
-        tokens = bench.filler(prompt_ids, s.draft_context + 70)
-        rows = []
-        for d in bench.default_draft_threads(n):
-            bar.set_description(f"draft steps, {d} thread{'s' * (d > 1)}")
-            with bench.DraftBencher(str(draft_gguf), d, cores[-d:], n_ctx=max(1024, s.draft_context + 256)) as db:
-                res = db.bench(tokens[:s.draft_context], s.widths, s.draft_steps, s.min_reps, s.max_reps, s.tol)
-            rows += [t.row(threads=d, width=w) for w, t in res.items()]
-            bar.update(1)
-        longest = max(len(p) for p in prompt_ids) + s.max_new_tokens + max(s.chain_budget, s.tree_budget) + 8
-        cfg = DraftConfig(gguf_path=str(draft_gguf), n_threads=n, n_ctx=max(512, longest), max_nodes=64,
-                          max_seqs=max(8, s.tree_width + 1))
-        bar.set_description("acceptance (decoding the calibration prompts against the recordings)")
-        with DraftClient(cfg) as client:
-            for _ in range(3):
-                client.ping()
-            rtts = [client.ping() * 1000 for _ in range(s.ping_reps)]
-            acceptance = bench.run_acceptance(zero, client, prompt_ids, s, 1, tick=lambda: bar.update(1))
+        rows = draft_steps(draft_gguf, threads, cores, filler(prompt_ids, s.draft_context + 70), s, bar)
+        decoded = decode_calibration(zero, draft_gguf, prompt_ids, s, n, 1, bar,
+                                     "acceptance (decoding the calibration prompts against the recordings)")
     finally:
         bar.close()
-    runs = acceptance["runs"].values()
-    overhead = sum(r["other_s"] for r in runs) * 1000 / max(1, sum(r["rounds"] for r in runs))
-    return dict(n_cores=n, cores=cores, supports_tree=bool(real.supports_tree), draft=rows,
-                channel=dict(ms=round(statistics.median(rtts), 4), min_ms=round(min(rtts), 4),
-                             max_ms=round(max(rtts), 4), reps=len(rtts)),
-                acceptance=acceptance, overhead_ms=round(overhead, 4), settings=asdict(s),
-                wall_s=round(time.perf_counter() - t0, 2))
+    return dict(n_cores=n, cores=cores, supports_tree=bool(real_target.supports_tree), draft=rows,
+                channel=decoded["channel"], acceptance=decoded["acceptance"], overhead_ms=decoded["overhead_ms"],
+                settings=asdict(s), wall_s=round(time.perf_counter() - t0, 2))
 
 
 def ensure_measurements(tref, dref, sim_target=None, device: str = "auto", dtype: str = "auto",
@@ -144,7 +129,7 @@ def ensure_measurements(tref, dref, sim_target=None, device: str = "auto", dtype
         return meas, source
     log.warning("no profile of this machine and pair: calibrating the draft for the simulation "
                 "(a few minutes; saved for next time)")
-    meas = calibrate(sim_target, dref.gguf, progress=progress)
+    meas = calibrate(sim_target.target, dref.gguf, progress=progress)
     path = calibration_path(_fingerprint(tref, dref, device, dtype), directory)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
@@ -159,28 +144,18 @@ def ensure_measurements(tref, dref, sim_target=None, device: str = "auto", dtype
 # ------------------------------------------------------------------------------------------- choice
 def choose(accelerator, meas: dict, mode: str = "auto", budget: int | None = None) -> cost.Choice:
     """The cost model's best configuration for the accelerator (within a user's mode and budget)."""
-    m = measurements(accelerator, meas)
-    modes = cost.MODES if mode == "auto" else (mode,)
-    if budget is not None and mode == "auto":
-        modes = ("sequential", "overlap")
-    if budget is not None and mode != "target":
-        return cost.choose_budget(m, modes=modes, budgets=[min(budget, MAX_N - 1)])
-    return cost.choose_budget(m, modes=modes)
+    return plans.choose(measurements(accelerator, meas), mode, budget)
 
 
 def plan_from(accelerator, meas: dict, mode: str = "auto", budget: int | None = None, source: str = ""):
-    """duo.engine.Plan for the accelerator: the predicted-fastest schedule; the draft unpinned."""
-    from ..engine import Plan
+    """duo.plan.Plan for the accelerator: the predicted-fastest schedule; the draft unpinned (the simulated
+    target needs no core)."""
     from ..runtime.simulate import get_accelerator
 
     acc_ = get_accelerator(accelerator)
     m = measurements(acc_, meas)
-    c = choose(acc_, meas, mode, budget)
-    seq = c if c.mode != "target" else cost.choose_budget(m, modes=("sequential",))
-    return Plan(mode=c.mode, budget=budget or (c.budget if c.mode != "target" else seq.budget), width=c.width,
-                shape="dynamic" if c.width > 1 else "chain", draft_threads=seq.draft_threads, target_threads=1,
-                draft_ms_per_token=round(m.step(seq.draft_threads, 1), 3),
-                source=f"simulated {acc_.name}, {source or 'measurements given'}")
+    return plans.plan_from_choice(m, plans.choose(m, mode, budget), budget,
+                                  f"simulated {acc_.name}, {source or 'measurements given'}", cores=None)
 
 
 def plan_for(target_ref, draft_ref, device: str = "auto", dtype: str = "auto", mode: str = "auto",
@@ -296,12 +271,15 @@ def report(accelerator, meas: dict, source: str) -> str:
 def main(args) -> int:
     """`duo profile --simulate-accelerator NAME[,NAME...|all]`."""
     from .. import models
-    from ..engine import _accelerator
-    from ..runtime.simulate import load_accelerators
+    from ..errors import UsageError
+    from ..runtime.simulate import SimulationError, get_accelerator, load_accelerators
 
     names = list(load_accelerators()) if args.simulate_accelerator in ("all",) else \
         [s.strip() for s in args.simulate_accelerator.split(",") if s.strip()]
-    names = [_accelerator(n) for n in names]   # an unknown profile is a usage error, before any loading
+    try:   # an unknown profile is a usage error, before any loading
+        names = [get_accelerator(n) for n in names]
+    except SimulationError as e:
+        raise UsageError(str(e)) from e
     progress = not getattr(args, "no_progress", False) and not getattr(args, "quiet", False)
     tref = models.resolve_target(args.model, progress=progress)
     dref = models.resolve_draft(args.draft, progress=progress)

@@ -35,7 +35,9 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from duo.runtime.tree import Tree
+from ..plan import TreeSpec
+from .tree import Tree
+from .tree_shapes import SHAPES
 
 # Control block slots (int64).
 ROUND = 0        # request round id, written by the target
@@ -67,8 +69,8 @@ STATUS_NONE, STATUS_OK, STATUS_READY, STATUS_ERROR = 0, 1, 2, 3
 ERR_NONE, ERR_LOAD, ERR_BAD_REQUEST, ERR_LLAMA, ERR_CTX_FULL, ERR_INTERNAL = 0, 1, 2, 3, 4, 5
 FLAG_OVERLAP = 1
 
-SHAPES = {"chain": 0, "dynamic": 1, "eagle": 2}
-SHAPE_NAMES = {v: k for k, v in SHAPES.items()}
+SHAPE_CODES = {name: i for i, name in enumerate(SHAPES)}   # a tree shape travels as its index in SHAPES
+NO_TREE = TreeSpec(0, 1, "chain")                          # the spec of requests that ask for no tree
 
 MSG_BYTES = 4096
 
@@ -177,11 +179,26 @@ def sweep_stale_segments() -> list[str]:
 class Request:
     round: int
     cmd: int
-    tokens: list[int]
-    budget: int
-    width: int
-    shape: str
+    tokens: list[int]        # the prompt (START) or the tokens committed since the last request (TREE)
+    spec: TreeSpec           # the tree asked for
     flags: int
+
+
+@dataclass
+class DraftStats:
+    """The worker's counters, kept in the ctrl block (the worker adds to them; the client reads them)."""
+    busy_s: float = 0.0        # worker time spent decoding / drafting (overlap included)
+    idle_s: float = 0.0        # worker time blocked waiting for a request
+    n_decoded: int = 0         # tokens llama_decode'd into the KV cache
+    rollbacks: int = 0         # times seq 0 was cut back to the committed prefix
+    overlap_hits: int = 0      # prepared tree was the one requested
+    overlap_misses: int = 0    # prepared tree thrown away
+    n_requests: int = 0
+
+    @classmethod
+    def read(cls, c: np.ndarray) -> "DraftStats":
+        return cls(float(c[BUSY_NS]) / 1e9, float(c[IDLE_NS]) / 1e9, int(c[N_DECODED]), int(c[ROLLBACKS]),
+                   int(c[HITS]), int(c[MISSES]), int(c[N_REQUESTS]))
 
 
 @dataclass
@@ -272,23 +289,23 @@ class Channel:
                 sem.close()
 
     # ---------------------------------------------------------------- requests
-    def write_request(self, round: int, cmd: int, tokens=(), budget: int = 0, width: int = 0,
-                      shape: str = "chain", flags: int = 0) -> None:
+    def write_request(self, round: int, cmd: int, tokens=(), spec: TreeSpec = NO_TREE, flags: int = 0) -> None:
         n = len(tokens)
         if n > self.n_ctx:
             raise ValueError(f"request of {n} tokens exceeds the channel capacity {self.n_ctx}")
         if n:
             self.tokens[:n] = np.asarray(tokens, dtype=np.int32)
         c = self.ctrl
-        c[CMD], c[N_TOKENS], c[BUDGET], c[WIDTH] = cmd, n, budget, width
-        c[SHAPE], c[FLAGS] = SHAPES[shape], flags
+        c[CMD], c[N_TOKENS], c[BUDGET], c[WIDTH] = cmd, n, spec.budget, spec.width
+        c[SHAPE], c[FLAGS] = SHAPE_CODES[spec.shape], flags
         c[ROUND] = round
 
     def read_request(self) -> Request:
         c = self.ctrl
         n = int(c[N_TOKENS])
-        return Request(int(c[ROUND]), int(c[CMD]), self.tokens[:n].tolist(), int(c[BUDGET]),
-                       int(c[WIDTH]), SHAPE_NAMES.get(int(c[SHAPE]), "?"), int(c[FLAGS]))
+        shape = int(c[SHAPE])
+        spec = TreeSpec(int(c[BUDGET]), int(c[WIDTH]), tuple(SHAPES)[shape] if 0 <= shape < len(SHAPES) else "?")
+        return Request(int(c[ROUND]), int(c[CMD]), self.tokens[:n].tolist(), spec, int(c[FLAGS]))
 
     # ---------------------------------------------------------------- responses
     def write_status(self, round: int, status: int) -> None:

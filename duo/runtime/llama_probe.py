@@ -18,6 +18,7 @@ No variant running is an error naming the cause and the fix, never a silent fall
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -188,25 +189,42 @@ def extra_bufts_for(gguf_path: str | os.PathLike) -> bool:
     return llama_verdict(gguf_path).extra_bufts
 
 
+def resolve_config(cfg):
+    """The DraftConfig with extra_bufts decided: as given, or as probed (once per machine, build and GGUF)."""
+    if cfg.extra_bufts is None:
+        cfg = dataclasses.replace(cfg, extra_bufts=extra_bufts_for(cfg.gguf_path))
+    return cfg
+
+
+def run_child(gguf_path: str | os.PathLike, variant: str, threads: int, report: bool = False
+              ) -> tuple[int, dict | None, str]:
+    """Load and decode with `variant` in a throwaway process: (return code, its JSON answer or None, stderr).
+    With `report`, the answer also holds llama.cpp's system info and the load log's buffer lines."""
+    cmd = [sys.executable, "-m", "duo.runtime.llama_probe", str(gguf_path), variant, str(threads)] + \
+        (["report"] if report else [])
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")   # the draft lives on the CPU
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, env=env,
+                       stdin=subprocess.DEVNULL)
+    try:
+        answer = json.loads((p.stdout.strip().splitlines() or [""])[-1])
+    except ValueError:
+        answer = None
+    return p.returncode, answer, p.stderr
+
+
 def probe_variant(gguf_path: str | os.PathLike, variant: str, threads: int) -> VariantResult:
     """Run one variant in a throwaway child; a signal, a non-zero exit or a hang means it does not run."""
-    cmd = [sys.executable, "-m", "duo.runtime.llama_probe", str(gguf_path), variant, str(threads)]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")   # the draft lives on the CPU
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, env=env,
-                           stdin=subprocess.DEVNULL)
+        rc, d, stderr = run_child(gguf_path, variant, threads)
     except subprocess.TimeoutExpired:
         return VariantResult(variant, False, error=f"no answer within {PROBE_TIMEOUT_S:.0f} s")
-    if p.returncode < 0:
-        return VariantResult(variant, False, error=died_by_signal(p.returncode))
-    last = (p.stdout.strip().splitlines() or [""])[-1]
-    try:
-        d = json.loads(last)
-    except ValueError:
-        tail = (p.stderr.strip().splitlines() or ["no output"])[-1][:200]
-        return VariantResult(variant, False, error=f"exit code {p.returncode}: {tail}")
+    if rc < 0:
+        return VariantResult(variant, False, error=died_by_signal(rc))
+    if d is None:
+        tail = (stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return VariantResult(variant, False, error=f"exit code {rc}: {tail}")
     if not d.get("ok"):
-        return VariantResult(variant, False, error=d.get("error", f"exit code {p.returncode}"))
+        return VariantResult(variant, False, error=d.get("error", f"exit code {rc}"))
     return VariantResult(variant, True, d["ms_per_token"], d["prefill_ms_per_token"], d["buffers"])
 
 
@@ -223,15 +241,16 @@ def died_by_signal(returncode: int) -> str | None:
     return f"killed by {sig.name}{what}"
 
 
-def _child(gguf_path: str, variant: str, threads: int) -> dict:
+def _child(gguf_path: str, variant: str, threads: int, report: bool = False) -> dict:
     """In the throwaway process: load with `variant`, decode a 64-token batch and 24 single tokens."""
     import numpy as np
 
-    from .draft_worker import DraftConfig, Drafter, top_k
+    from .drafter import DraftConfig, Drafter, repacked_tensors, weight_buffers
+    from .tree_shapes import top_k
 
-    buffers: list[str] = []
+    lines: list[str] = []
     d = Drafter(DraftConfig(gguf_path=gguf_path, n_threads=threads, n_ctx=256, max_seqs=1,
-                            extra_bufts=VARIANTS[variant]), log_sink=buffers)
+                            extra_bufts=VARIANTS[variant]), log_sink=lines)
     fault = os.environ.get(FAULT_ENV, "")
     if fault.startswith("sigill:") and fault.split(":", 1)[1] in (variant, "all"):
         os.kill(os.getpid(), signal.SIGILL)   # as a trapped AMX instruction would
@@ -247,13 +266,19 @@ def _child(gguf_path: str, variant: str, threads: int) -> dict:
         d.decode([(int(tok), 0)])
         steps.append(time.perf_counter() - t)
     d.close()
-    return {"ok": True, "ms_per_token": round(1000 * float(np.median(steps)), 3),
-            "prefill_ms_per_token": round(1000 * prefill, 3), "buffers": sorted(set(buffers))}
+    buffers = weight_buffers(lines)
+    out = {"ok": True, "ms_per_token": round(1000 * float(np.median(steps)), 3),
+           "prefill_ms_per_token": round(1000 * prefill, 3), "buffers": sorted(buffers)}
+    if report:
+        out.update(buffer_mib=buffers, repacked=repacked_tensors(lines),
+                   system_info=d.L.llama_print_system_info().decode("utf-8", "replace"),
+                   lines=[x.strip(" .\n") for x in lines if "model buffer size" in x or "repack tensor" in x])
+    return out
 
 
 if __name__ == "__main__":
     try:
-        out = _child(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+        out = _child(sys.argv[1], sys.argv[2], int(sys.argv[3]), report=sys.argv[4:] == ["report"])
     except Exception as e:  # noqa: BLE001 - reported to the parent as one line
         out = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     print(json.dumps(out), flush=True)

@@ -11,8 +11,8 @@ once per prompt (`record_target`: the target-only path of the round loop, cached
     compact_cache           keeps prefix + root + accepted path, as the real cache does
 
 so the output is the recording token for token, while the draft runs for real in its own process,
-with every core to itself (the simulated accelerator uses none). `SimulatedTarget` stands in for the
-TargetModel in `duo.runtime.decode.generate_tokens`, which takes these operations from its `ops`.
+with every core to itself (the simulated accelerator uses none). `SimulatedTarget` implements the
+Target interface (target_interface.py), as the torch TargetModel does.
 
 Accelerator profiles (name, forward_ms(n) = base_ms + per_token_ms * (n - 1), prefill, and the
 published measurement behind them) live in configs/accelerators.json; see configs/accelerators.md.
@@ -26,7 +26,6 @@ import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -248,7 +247,7 @@ class SimulatedTarget:
     Call `prepare(prompt_ids, max_new_tokens)` before generating (the Engine does): it records the
     prompt with the real target once (or loads the recording). Greedy decoding only."""
 
-    simulated = True
+    uses_host_cores = False   # the accelerator's passes are sleeps: the draft may have every core
 
     def __init__(self, target, accelerator, directory: str | Path | None = None, use_cache: bool = True):
         self.target = target
@@ -257,11 +256,8 @@ class SimulatedTarget:
         self.counters = SimCounters()
         self._records: dict[tuple, Record] = {}
         self._last_end: float | None = None   # end of the previous pass of this generation
-        self.ops = SimpleNamespace(new_cache=SimCache, prefill=self._prefill, cache_length=_cache_length,
-                                   forward_tree=self._forward_tree, choose_tokens=_choose_tokens,
-                                   compact_cache=_compact_cache)
 
-    # what the round loop and the Engine read from a TargetModel
+    # the rest of what the round loop and the Engine read of a target: the real one's (tokenizer, vocab_size...)
     def __getattr__(self, name):
         if name == "target":
             raise AttributeError(name)
@@ -289,7 +285,7 @@ class SimulatedTarget:
                                   "max_new_tokens) before generating")
         return rec
 
-    # -- the operations of duo.runtime.target, simulated ----------------------------------------
+    # -- the Target interface (target_interface.py), simulated ------------------------------------
     def _wait(self, t0: float, ms: float) -> None:
         """Until t0 + ms: a blocking sleep, so the draft has every core meanwhile."""
         left = t0 + ms / 1000.0 - time.perf_counter()
@@ -299,7 +295,22 @@ class SimulatedTarget:
             self.counters.overrun_s -= left
         self.counters.busy_s += ms / 1000.0
 
-    def _prefill(self, tm, cache: SimCache, tokens, chunk: int = 512) -> np.ndarray:
+    def new_cache(self) -> SimCache:
+        return SimCache()
+
+    def cache_length(self, cache: SimCache) -> int:
+        return len(cache.tokens)
+
+    def compact_cache(self, cache: SimCache, n_keep: int, path: list[int]) -> None:
+        cache.tokens = cache.tokens[:n_keep] + [cache.tokens[n_keep + k] for k in path]
+
+    def choose_tokens(self, choices: np.ndarray, sampling, u) -> np.ndarray:
+        """forward_tree returns the choices themselves."""
+        if not sampling.greedy:
+            raise SimulationError("the simulated accelerator replays greedy decoding only (temperature 0)")
+        return choices
+
+    def prefill(self, cache: SimCache, tokens) -> np.ndarray:
         """The whole prompt; returns the target's first token (the recording's), as the real prefill's logits
         give it."""
         t0 = time.perf_counter()
@@ -314,7 +325,7 @@ class SimulatedTarget:
         rec = cache.record.tokens
         return np.array([rec[0] if rec else NO_TOKEN], dtype=np.int64)
 
-    def _forward_tree(self, tm, cache: SimCache, root: int, tree: Tree) -> np.ndarray:
+    def forward_tree(self, cache: SimCache, root: int, tree: Tree) -> np.ndarray:
         """The target's choice after the root and after every node (no logits: the choices themselves)."""
         t0 = time.perf_counter()
         if cache.record is None:
@@ -347,17 +358,3 @@ class SimulatedTarget:
         self._wait(t0, self.accelerator.forward_ms(n + 1))
         self._last_end = time.perf_counter()
         return choices
-
-
-def _cache_length(cache: SimCache) -> int:
-    return len(cache.tokens)
-
-
-def _compact_cache(cache: SimCache, n_keep: int, path: list[int]) -> None:
-    cache.tokens = cache.tokens[:n_keep] + [cache.tokens[n_keep + k] for k in path]
-
-
-def _choose_tokens(choices: np.ndarray, sampling, u) -> np.ndarray:
-    if not sampling.greedy:
-        raise SimulationError("the simulated accelerator replays greedy decoding only (temperature 0)")
-    return choices

@@ -1,4 +1,6 @@
-"""The target model: load it, prefill, verify a draft tree in one forward pass, compact the KV cache.
+"""The target model in torch: load it, prefill, verify a draft tree in one forward pass, compact the KV cache.
+
+`TargetModel` implements the Target interface (target_interface.py) with the functions below.
 
 The cache always holds the committed tokens except the last one (the *root*).
 A verification forward feeds [root] + tree nodes with
@@ -8,6 +10,7 @@ so every node sees the prefix and its own path, as if it were decoded alone.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..sampling import choose_tokens
 from .tree import Tree
 
 log = logging.getLogger("duo")
@@ -37,6 +41,30 @@ class TargetModel:
     supports_tree: bool = True
     threads: int | None = None
     extra: dict = field(default_factory=dict)
+    uses_host_cores: bool = True     # Python drives every pass from a host core, on a GPU too
+    counters: None = None            # (a simulated accelerator's; none here)
+
+    # the Target interface (target_interface.py): this module's functions, bound to this model
+    def prepare(self, prompt, max_new_tokens, sampling) -> None:
+        pass
+
+    def new_cache(self):
+        return new_cache()
+
+    def cache_length(self, cache) -> int:
+        return cache_length(cache)
+
+    def prefill(self, cache, tokens):
+        return prefill(self, cache, tokens)
+
+    def forward_tree(self, cache, root: int, tree: Tree):
+        return forward_tree(self, cache, root, tree)
+
+    def choose_tokens(self, logits, sampling, u):
+        return choose_tokens(logits, sampling, u)
+
+    def compact_cache(self, cache, n_keep: int, path: list[int]) -> None:
+        compact_cache(cache, n_keep, path)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -74,8 +102,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 
 def load_target(hf_dir: str | Path, device: str = "auto", dtype: str = "auto", name: str | None = None,
-                threads: int | None = None) -> TargetModel:
-    """Load a transformers causal LM and its tokenizer from a local directory."""
+                threads: int | None = None, progress: bool = True) -> TargetModel:
+    """Load a transformers causal LM and its tokenizer from a local directory (progress: transformers' bars)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
@@ -84,7 +112,8 @@ def load_target(hf_dir: str | Path, device: str = "auto", dtype: str = "auto", n
         torch.set_num_threads(threads)
     try:
         tok = AutoTokenizer.from_pretrained(str(hf_dir))
-        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dt, attn_implementation="sdpa")
+        with quiet_loading(progress):
+            model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dt, attn_implementation="sdpa")
         model.to(dev).eval()
     except torch.OutOfMemoryError as e:
         raise TargetError(f"out of memory loading the target on {dev}: try a smaller model, --dtype bfloat16, "
@@ -109,6 +138,20 @@ def load_target(hf_dir: str | Path, device: str = "auto", dtype: str = "auto", n
     if not tm.supports_tree:
         log.warning("target %s does not verify trees correctly with a 4D mask; drafting chains only", tm.name)
     return tm
+
+
+@contextlib.contextmanager
+def quiet_loading(progress: bool):
+    """Without progress: no transformers progress bars ("Loading weights") while the target loads."""
+    from transformers.utils import logging as hf_logging
+    was = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not progress:
+            hf_logging.enable_progress_bar()
 
 
 def use_onednn_linears(model: torch.nn.Module) -> int:
@@ -193,23 +236,6 @@ def forward_tree(tm: TargetModel, cache, root: int, tree: Tree) -> torch.Tensor:
     out = tm.model(input_ids=ids, position_ids=pos, cache_position=cache_pos, attention_mask=mask,
                    past_key_values=cache, use_cache=True)
     return out.logits[0].float()
-
-
-def accept_path(tree: Tree, choices: np.ndarray) -> tuple[list[int], int]:
-    """Walk from the root following children equal to the target's choice; return (node path, bonus token).
-
-    choices[0] is the target's token after the root, choices[k + 1] its token after node k.
-    """
-    kids = tree.children()
-    path: list[int] = []
-    cur = -1
-    while True:
-        want = int(choices[cur + 1])
-        nxt = next((c for c in kids[cur + 1] if int(tree.tokens[c]) == want), None)
-        if nxt is None:
-            return path, want
-        path.append(nxt)
-        cur = nxt
 
 
 def _layers(cache):

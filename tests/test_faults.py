@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 from duo import Engine
-from duo.engine import Plan
+from duo.plan import Plan
 from duo.runtime import channel as ch
 from duo.runtime.decode import Stats
 from duo.plan import TreeSpec

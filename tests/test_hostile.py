@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from duo import Engine
-from duo.engine import Plan, UsageError
+from duo.errors import UsageError
+from duo.plan import Plan
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from duo import Engine
-from duo.engine import Plan, UsageError
+from duo.errors import UsageError
+from duo.plan import Plan
 from duo.profiler import cost, simulated
 from duo.runtime import simulate as S
 from duo.runtime.tree import Tree

@@ -17,7 +17,7 @@ import numpy as np
 import psutil
 
 from duo import Engine
-from duo.engine import Plan
+from duo.plan import Plan
 
 N_GEN = 300
 WARMUP = 30

@@ -41,8 +41,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--dataset", type=comma_list, default=["humaneval", "gsm8k", "mt-bench"], metavar="LIST",
                    help="humaneval, gsm8k, mt-bench, mt-bench-2 (second turns), or a JSONL file")
     g.add_argument("--methods", type=_methods, metavar="LIST", default=None,
-                   help="target, hf-assisted, hf-prompt-lookup, duo-sequential, duo-overlap, duo (default: all but "
-                        "duo-overlap; with --simulate-accelerator: target, duo-sequential, duo-overlap, duo)")
+                   help="target, hf-assisted, hf-prompt-lookup, duo-sequential, duo-overlap, duo, llama-cpp "
+                        "(the GGUF target alone in llama.cpp, greedy; needs a GGUF target) (default: all but "
+                        "duo-overlap and llama-cpp; with --simulate-accelerator: target, duo-sequential, "
+                        "duo-overlap, duo)")
     g.add_argument("--simulate-accelerator", metavar="PROFILE",
                    help="SIMULATION: replay the target's recorded output timed like PROFILE (a name in "
                         "configs/accelerators.json, or a JSON file); the draft runs for real")

@@ -8,6 +8,8 @@
     duo-sequential     duo, the draft and the target taking turns
     duo-overlap        duo, the draft drafting while the target verifies
     duo                duo as `duo run` runs it (mode auto: the saved profile's plan)
+    llama-cpp          a peer, not a baseline: the target's GGUF alone in llama.cpp, greedy (bench.llama_peer);
+                       another model than the torch target (quantized), so no exactness check; not by default
 
 Options follow '@', comma-separated: 'duo-sequential@chain,nolookup,b=8,w=2' (see parse_method) sets the
 tree shape, turns the prompt lookup off, fixes the budget and the width for that method.
@@ -20,14 +22,7 @@ from typing import Any, Callable
 
 from duo.runtime.tree_shapes import SHAPES
 
-
-@dataclass
-class Sample:
-    """One prompt's answer: its tokens, the wall time, the time to the first token, and duo's stats."""
-    tokens: list[int]
-    wall_s: float
-    ttft_s: float
-    stats: dict = field(default_factory=dict)
+from .sample import Sample
 
 
 Runner = Callable[[list, int], Sample]   # run(ids, max_new) -> Sample
@@ -39,6 +34,8 @@ class Shared:
     engines: dict = field(default_factory=dict)   # "target": the target-only engine; a duo method: its own
     target: Any = None          # the real target model (duo.runtime.target), loaded once, shared by every engine
     assistant: Any = None       # hf-assisted's assistant (transformers)
+    llama_gguf: Any = None      # llama-cpp: the target's GGUF (set when the method is asked for)
+    llama: Any = None           # llama-cpp: its bench.llama_peer.LlamaPeer, made when first used
     simulated: bool = False     # SIMULATION: the target is replayed, timed like an accelerator
     temperature: float = 0.0    # 0: greedy
     seed: int = 0
@@ -56,6 +53,15 @@ class Shared:
     def close(self) -> None:
         for e in self.engines.values():
             e.close()
+        if self.llama is not None:
+            self.llama.close()
+
+    def llama_peer(self):
+        """llama-cpp's peer, made on first use (the model loads on its first answer), closed by close()."""
+        if self.llama is None:
+            from .llama_peer import LlamaPeer
+            self.llama = LlamaPeer(self.llama_gguf)
+        return self.llama
 
 
 def hf_generate(model, ids, max_new, eos, **kw) -> Sample:
@@ -131,6 +137,13 @@ def _hf_prompt_lookup(s: Shared, name: str, opts: dict) -> Runner:
                                             prompt_lookup_num_tokens=10, **s.hf_sampling())
 
 
+def _llama_cpp(s: Shared, name: str, opts: dict) -> Runner:
+    _no_options(name, opts)
+    if s.llama_gguf is None:
+        raise ValueError("method llama-cpp needs a GGUF target (a .gguf file or an alias)")
+    return lambda ids, max_new: s.llama_peer().run(ids, max_new, s.target.eos_ids)
+
+
 def _no_options(name: str, opts: dict) -> None:
     if opts:
         raise ValueError(f"method {name} takes no options: they are duo's (duo-sequential, duo-overlap, duo)")
@@ -148,6 +161,7 @@ class Method:
     duo_mode: str | None = None     # runs on an Engine of its own, in this mode
     default: bool = True            # in the default list (without a simulated accelerator)
     simulated: bool = False         # runs against a simulated accelerator (the default list there)
+    peer: bool = False              # another model than the torch target: no exactness check, never a baseline
 
 
 METHOD_TABLE: dict[str, Method] = {m.name: m for m in (
@@ -157,10 +171,12 @@ METHOD_TABLE: dict[str, Method] = {m.name: m for m in (
     Method("duo-sequential", _duo, duo_mode="sequential", simulated=True),
     Method("duo-overlap", _duo, duo_mode="overlap", default=False, simulated=True),
     Method("duo", _duo, duo_mode="auto", simulated=True),
+    Method("llama-cpp", _llama_cpp, default=False, peer=True),
 )}
 METHODS = tuple(METHOD_TABLE)
 DUO_MODES = {n: m.duo_mode for n, m in METHOD_TABLE.items() if m.duo_mode}
 SIMULATED_METHODS = tuple(n for n, m in METHOD_TABLE.items() if m.simulated)
+PEER_METHODS = tuple(n for n, m in METHOD_TABLE.items() if m.peer)
 
 
 def default_methods(simulated: bool = False) -> list[str]:

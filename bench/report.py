@@ -1,6 +1,7 @@
 """The bench's results: a Row per (dataset, method) summarized from its Samples, the extras a duo row
-carries (its plan; under a simulated accelerator the pipeline efficiency and idle times), and the outputs:
-the markdown table, the JSON rows and the PNG plot of speedups.
+carries (its plan; under a simulated accelerator the pipeline efficiency and idle times), the llama-cpp
+peer's note (what ran; why its exactness is not checked), and the outputs: the markdown table, the JSON rows
+and the PNG plot of speedups.
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from .methods import Sample
+from .sample import Sample
 
 
 @dataclass
@@ -75,6 +76,9 @@ def markdown(rows: list[Row]) -> str:
               f"configs/accelerators.json says; the draft runs for real on this machine). efficiency: the cost "
               f"model's time for the same rounds / the measured time, after the first round; b=N~: adaptive "
               f"budget starting at N", ""] if sim else [])
+    precision = next((r.extra["precision"] for r in rows if r.extra.get("precision")), None)
+    if precision:
+        lines += [f"Target precision: {precision} (the target row and every duo row; exact = equal to that target)", ""]
     lines += [head, "|" + "---|" * head.count(" |")]
     for r in rows:
         line = (f"| {r.dataset} | {r.method} | {r.prompts} | {r.new_tokens} | {r.tokens_per_s:.2f} | "
@@ -85,6 +89,7 @@ def markdown(rows: list[Row]) -> str:
             line += (f" {x.get('plan', '-')} | {x.get('efficiency', 0):.0%} | {x.get('target_idle_ms_per_round', 0):.1f} | "
                      f"{x.get('draft_idle_ms_per_round', 0):.1f} | {'-' if hit is None else f'{hit:.0%}'} |")
         lines.append(line)
+    lines += llama_cpp_note(rows)
     shared = [r for r in rows if r.extra.get("measured_as")]
     if shared:
         lines += ["", "; ".join(f"{r.dataset} {r.method} = {r.extra['measured_as']}" for r in shared)
@@ -110,6 +115,15 @@ def markdown(rows: list[Row]) -> str:
             lines.append(f"| {r.dataset} | {r.method} | {t['round']:.1f} | {t['verify']:.1f} | {t['wait_for_draft']:.1f} "
                          f"| {t['other']:.1f} | {t['draft_idle']:.1f} |")
     return "\n".join(lines)
+
+
+def llama_cpp_note(rows: list[Row]) -> list[str]:
+    """One line under the table where llama-cpp ran: what ran, and why its exactness is not checked."""
+    ran = list(dict.fromkeys(r.extra["llama_cpp"] for r in rows if r.extra.get("llama_cpp")))
+    if not ran:
+        return []
+    return ["", f"llama-cpp: {'; '.join(ran)}; greedy, absolute tok/s (speedup against target). exact `-`: "
+                "llama.cpp's (quantized) target is another model than the torch target, so exactness does not apply."]
 
 
 def rows_json(rows: list[Row]) -> list[dict]:

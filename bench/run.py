@@ -4,8 +4,10 @@ run_bench(datasets, methods, limit=, max_new=, ...) -> one Row per (dataset, met
 functions here: check the methods (and the simulated accelerator), prepare the datasets, build the engines
 (one target in memory, shared by every method; each duo method its own draft worker and thread split), then
 on each dataset run every method on its prompts and set the speedups against `target`, which runs first
-and is the reference of every exactness check. The methods are in bench.methods, the rows and outputs in
-bench.report, the command line in bench.cli.
+and is the reference of every exactness check. A peer (llama-cpp: the target's GGUF in llama.cpp) is another
+model: it gets a speedup against `target` but no exactness check, and is never a baseline. The methods are
+in bench.methods (llama-cpp's in bench.llama_peer), the rows and outputs in bench.report, the command line
+in bench.cli.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from duo.engine import Engine
 from duo.errors import UsageError
 
 from . import datasets as ds
-from .methods import DUO_MODES, METHODS, SIMULATED_METHODS, Sample, Shared, parse_method, runner
+from .methods import DUO_MODES, METHODS, PEER_METHODS, SIMULATED_METHODS, Sample, Shared, parse_method, runner
 from .report import Row, plan_extra, simulation_extra, summarize
 
 
@@ -64,7 +66,8 @@ def run_bench(datasets: list[str], methods: list[str], *, log: Callable[[str], N
     accel = check_methods(cfg)
     prompts = prepare_datasets(cfg)
     methods = sorted(cfg.methods, key=lambda m: m != "target")   # the reference runs first
-    shared = Shared(simulated=accel is not None, temperature=cfg.temperature, seed=cfg.seed or 0)
+    shared = Shared(simulated=accel is not None, temperature=cfg.temperature, seed=cfg.seed or 0,
+                    llama_gguf=check_llama_cpp(cfg))
     rows: list[Row] = []
     try:
         sim = build_engines(cfg, methods, prompts, shared, accel, log)
@@ -107,6 +110,17 @@ def check_methods(cfg: BenchConfig):
                          f"the methods {', '.join(SIMULATED_METHODS)}" + (f", not {', '.join(unsupported)}"
                                                                           if unsupported else ""))
     return accel
+
+
+def check_llama_cpp(cfg: BenchConfig):
+    """llama-cpp's GGUF target (None when the method is not asked for): a UsageError when the target is not a
+    GGUF, or with sampling (llama-cpp decodes greedily)."""
+    if "llama-cpp" not in (m.split("@")[0] for m in cfg.methods):
+        return None
+    if cfg.temperature > 0:
+        raise UsageError("method llama-cpp decodes greedily: use temperature 0, or leave llama-cpp out")
+    from .llama_peer import gguf_of
+    return gguf_of(cfg.model)
 
 
 def prepare_datasets(cfg: BenchConfig) -> dict[str, list]:
@@ -207,14 +221,19 @@ def run_dataset(cfg: BenchConfig, d: str, plist: list, methods: list[str], share
             log(f"{d:10} {m:17} = {same_as[m]} (same plan, measured once)")
             continue
         samples = run_method(cfg, d, m, encoded, shared)
-        row = summarize(d, m, samples, ref if (cfg.temperature == 0 and m != "target") else None)
         name, opts = parse_method(m)
+        checked = cfg.temperature == 0 and m != "target" and name not in PEER_METHODS
+        row = summarize(d, m, samples, ref if checked else None)
         if sim:
             simulation_extra(row, shared.engines[name], opts, samples, sim.model, sim.accel)
         if m == "target":
             ref = samples
         elif m.startswith("duo") and not sim:
             plan_extra(row, shared.engines[name], opts)
+        elif name == "llama-cpp":
+            row.extra["llama_cpp"] = shared.llama.describe()
+        if name not in PEER_METHODS:   # every torch method runs the one target, in its one precision
+            row.extra["precision"] = shared.target.precision
         rows.append(row)
         log(f"{d:10} {m:17} {row.tokens_per_s:6.2f} tok/s  accepted/pass {row.mean_accepted_len:.2f}"
             + ("" if row.exact is None else f"  exact={row.exact}")

@@ -21,6 +21,12 @@ def stats_line(st: dict) -> str:
             f"mode {st.get('mode')}" + (f"  fallback: {st['fallback']}" if st.get("fallback") else ""))
 
 
+def target_line(engine) -> str:
+    """The target as it runs: its precision (never switched silently), device and memory."""
+    t = engine.target
+    return f"target {t.name}: {t.precision} on {t.device}, {t.footprint / 2**30:.2f} GiB of weights"
+
+
 def plan_line(engine) -> str:
     """How this engine generates: the plan and where it came from, and the draft's llama.cpp configuration."""
     p = engine.plan

@@ -25,7 +25,7 @@ import warnings
 
 from . import __version__
 from .errors import DuoError, UsageError
-from .plan import MODES
+from .plan import MODES, PRECISION_ALIASES, PRECISIONS
 from .exits import EXIT_INTERRUPT, EXIT_OK, EXIT_RUNTIME, EXIT_TERMINATED, EXIT_USAGE, Terminated, interrupt_code
 
 COMMANDS_GROUP = "duo.commands"     # entry points: add_parser(subparsers) of a command from another package
@@ -66,14 +66,11 @@ def _device(s: str) -> str:
     return s
 
 
-DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
-
-
 def _dtype(s: str) -> str:
-    if s not in DTYPES:
-        raise argparse.ArgumentTypeError(f"unknown dtype {s!r}: use auto, float32, bfloat16 or float16")
-    return DTYPES[s]
+    name = PRECISION_ALIASES.get(s, s)
+    if name != "auto" and name not in PRECISIONS:
+        raise argparse.ArgumentTypeError(f"unknown dtype {s!r}: use auto, {', '.join(PRECISIONS)}")
+    return name
 
 
 def comma_list(s: str) -> list[str]:
@@ -116,7 +113,7 @@ def add_model_flags(p) -> None:
     g.add_argument("--device", type=_device, default="auto", metavar="DEV",
                    help="target device: auto, cpu, cuda, cuda:N (default auto)")
     g.add_argument("--dtype", type=_dtype, default="auto", metavar="T",
-                   help="target dtype: auto, float32, bfloat16, float16")
+                   help="target precision: auto, float32, bfloat16, float16, int8")
 
 
 def add_generation_flags(p, *, default_max: int, sampling: bool, seed_help: str = "random seed for sampling") -> None:
@@ -262,7 +259,7 @@ def cmd_run(args) -> int:
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                top_k=args.top_k, seed=args.seed, stop=args.stop)
 
-    from .chat import chat_loop, plan_line, run_once
+    from .chat import chat_loop, plan_line, run_once, target_line
     from .engine import Engine
 
     note(args, "loading models...")
@@ -272,6 +269,7 @@ def cmd_run(args) -> int:
         log.info("loaded %s + %s on %s in %.1fs; plan %s", engine.target.name,
                  engine.draft_ref.name if engine.draft_ref else "no draft", engine.target.device,
                  time.perf_counter() - t, engine.plan)
+        note(args, target_line(engine))
         if args.stats:
             print(f"duo: {plan_line(engine)}", file=sys.stderr, flush=True)
         if chat:

@@ -83,7 +83,7 @@ class Engine:
                  shape: str = "dynamic", lookup: bool = True, context: int = 8192, plan: Plan | None = None,
                  progress: bool = True, target_model=None, profile: str = "saved", simulate=None):
         from . import models
-        from .runtime.target import TargetError
+        from .runtime.target import TargetError, storage_dtype
 
         self._closed, self._draft, self._draft_failed = True, None, False
         self._lock, self._owner = threading.Lock(), None   # the owner: thread id of the generation holding the lock
@@ -95,7 +95,7 @@ class Engine:
         self.plan.width = self.plan.width if width is None else width
         self.plan.shape, self.lookup = shape, lookup
         try:
-            tref = models.resolve_target(model, progress=progress)
+            tref = models.resolve_target(model, progress=progress, dtype=storage_dtype(device, dtype))
             dref = models.resolve_draft(draft, progress=progress) if self.plan.mode != "target" else None
             self.target, planner = self._target_and_planner(tref, target_model, device, dtype, accelerator,
                                                             plan is None, progress)

@@ -227,8 +227,8 @@ def quiet_transformers(verbose: bool):
             hf_logging.enable_progress_bar()
 
 
-def to_transformers(gguf: Path, out: Path, verbose: bool) -> None:
-    """Load a GGUF with transformers (dequantized to float32) and save tokenizer + model to `out`."""
+def to_transformers(gguf: Path, out: Path, verbose: bool, dtype: str = "float32") -> None:
+    """Load a GGUF with transformers (dequantized, then cast to `dtype`) and save tokenizer + model to `out`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -242,7 +242,7 @@ def to_transformers(gguf: Path, out: Path, verbose: bool) -> None:
     with quiet_transformers(verbose):
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, **kwargs
+            str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, dtype), **kwargs
         )
         # The weights are dense now; drop the GGUF quantizer marker so save_pretrained accepts the model.
         if getattr(model, "hf_quantizer", None) is not None:

@@ -219,9 +219,11 @@ def _assemble(entry: ModelEntry, final: Path, progress: bool) -> None:
 
 
 def ensure_torch_weights(
-    gguf_path: Path, out_dir: Path, progress: bool = True, *, verbose: bool = False, sha256: str | None = None
+    gguf_path: Path, out_dir: Path, progress: bool = True, *, verbose: bool = False, sha256: str | None = None,
+    dtype: str = "float32",
 ) -> Path:
-    """Convert a GGUF target into a transformers directory at out_dir, once; return out_dir.
+    """Convert a GGUF target into a transformers directory at out_dir, once, its weights stored in `dtype`
+    (float32, bfloat16, float16); return out_dir.
 
     `sha256` is the GGUF's hash if already known (it is recorded in duo-source.json).
     """
@@ -236,12 +238,12 @@ def ensure_torch_weights(
         shutil.rmtree(tmp, ignore_errors=True)
         if progress:
             print(
-                f"duo: converting {gguf_path.name} to torch weights (one time, a few minutes)...",
+                f"duo: converting {gguf_path.name} to {dtype} torch weights (one time, a few minutes)...",
                 file=sys.stderr, flush=True,
             )
         start = time.monotonic()
         try:
-            _convert(gguf_path, tmp, verbose)
+            _convert(gguf_path, tmp, verbose, dtype)
             source = {
                 "gguf": str(gguf_path.resolve()),
                 "size": gguf_path.stat().st_size,
@@ -296,17 +298,18 @@ def _read_magic(path: Path) -> bytes:
 
 
 def resolve_target(
-    spec: str | None = None, progress: bool = True, *, registry: Registry | None = None
+    spec: str | None = None, progress: bool = True, *, registry: Registry | None = None, dtype: str = "float32"
 ) -> TargetRef:
     """A target from an alias (None: the default), a Hugging Face directory or a .gguf file.
 
-    Aliases are pulled and converted as needed; a .gguf file is converted once into the cache.
+    Aliases are pulled and converted as needed; a .gguf file is converted once into the cache, its weights
+    stored in `dtype` (the precision the target loads in: float32, bfloat16 or float16).
     """
     registry = registry or load_registry()
     found = _find(spec or registry.default_target, "target", registry)
     if isinstance(found, ModelEntry):
         gguf = pull(found.alias, progress, registry=registry)
-        hf_dir = ensure_torch_weights(gguf, torch_dir(found.alias), progress, sha256=found.sha256)
+        hf_dir = ensure_torch_weights(gguf, torch_dir(found.alias, dtype), progress, sha256=found.sha256, dtype=dtype)
         return TargetRef(found.alias, hf_dir, gguf)
     path = found
     if path.is_dir():
@@ -321,7 +324,7 @@ def resolve_target(
             f"target model {path} is not a GGUF file (it does not start with 'GGUF'); pass a .gguf file, "
             f"a Hugging Face model directory or a built-in alias"
         )
-    hf_dir = ensure_torch_weights(path, converted_dir(path), progress)
+    hf_dir = ensure_torch_weights(path, converted_dir(path, dtype), progress, dtype=dtype)
     return TargetRef(path.stem, hf_dir, path)
 
 

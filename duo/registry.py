@@ -126,16 +126,20 @@ def gguf_path(alias: str) -> Path:
     return model_dir(alias) / f"{alias}.gguf"
 
 
-def torch_dir(alias: str) -> Path:
-    """Where the converted transformers weights of `alias` live."""
-    return model_dir(alias) / "torch"
+def _suffix(dtype: str) -> str:
+    return "" if dtype == "float32" else f"-{dtype}"
 
 
-def converted_dir(gguf: Path) -> Path:
-    """Cache directory for the conversion of a user's GGUF file, keyed by its path, size and mtime."""
+def torch_dir(alias: str, dtype: str = "float32") -> Path:
+    """Where the converted transformers weights of `alias` live, stored in `dtype`."""
+    return model_dir(alias) / f"torch{_suffix(dtype)}"
+
+
+def converted_dir(gguf: Path, dtype: str = "float32") -> Path:
+    """Cache directory for the conversion of a user's GGUF file (in `dtype`), keyed by its path, size and mtime."""
     st = gguf.stat()
     key = f"{gguf.resolve()}\0{st.st_size}\0{st.st_mtime_ns}"
-    return cache_dir() / "converted" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir() / "converted" / (hashlib.sha256(key.encode()).hexdigest()[:16] + _suffix(dtype))
 
 
 def is_converted(out_dir: Path) -> bool:

@@ -94,3 +94,52 @@ def test_sampling_runs_the_transformers_methods(tiny_pair, prompts_file):
                      device="cpu", log=lambda s: None)
     assert [r.method for r in rows] == ["target", "hf-assisted", "hf-prompt-lookup"]
     assert all(r.prompts == 1 and 0 < r.new_tokens <= 6 for r in rows)
+
+
+def test_llama_cpp_peer_beside_the_target(tiny_pair, prompts_file):
+    """llama-cpp: the target's GGUF alone in llama.cpp, a row beside the target's (tok/s, speedup against
+    `target`, exactness not applicable: `-`), and the note under the table saying what ran."""
+    rows = run_bench([str(prompts_file)], ["llama-cpp", "target"], limit=2, max_new=8,
+                     model=str(tiny_pair.target_gguf), device="cpu", log=lambda s: None)
+    assert [r.method for r in rows] == ["target", "llama-cpp"]
+    base, peer = rows
+    assert peer.prompts == 2 and 0 < peer.new_tokens <= 16 and peer.tokens_per_s > 0 and peer.ttft_s > 0
+    assert peer.exact is None and not peer.mismatches
+    assert peer.speedup == pytest.approx(peer.tokens_per_s / base.tokens_per_s)
+    assert peer.extra["llama_cpp"].startswith("target GGUF target.gguf, ")
+    table = markdown(rows)
+    assert "| llama-cpp | 2 |" in table and "exactness does not apply" in table
+
+
+def test_llama_cpp_needs_a_gguf_target(tiny_pair, prompts_file):
+    with pytest.raises(ValueError, match="llama-cpp needs a GGUF target"):
+        run_bench([str(prompts_file)], ["target", "llama-cpp"], limit=1, max_new=4,
+                  model=str(tiny_pair.target_hf_dir), device="cpu", log=lambda s: None)
+
+
+def test_llama_cpp_greedy_tokens_are_the_torch_targets(tiny_pair):
+    """The tiny target is F32 in llama.cpp and in torch: the same greedy tokens, or a first difference only
+    where torch's top two logits are all but tied (a rounding-order tie)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.llama_peer import LlamaPeer
+
+    ids = AutoTokenizer.from_pretrained(str(tiny_pair.target_hf_dir))("def fib(n): return").input_ids
+    peer = LlamaPeer(tiny_pair.target_gguf)
+    try:
+        got = peer.run(ids, 12, eos=()).tokens
+    finally:
+        peer.close()
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_pair.target_hf_dir), dtype=torch.float32).eval()
+    seq = list(ids)
+    for i, tok in enumerate(got):
+        with torch.inference_mode():
+            logits = model(torch.tensor([seq])).logits[0, -1]
+        top = torch.topk(logits, 2)
+        if int(top.indices[0]) != tok:
+            gap = float(top.values[0] - top.values[1])
+            assert i > 0 and gap < 1e-3, (i, tok, top, gap)   # a near-tie, after an agreeing first token
+            break
+        seq.append(tok)
+    assert len(got) == 12

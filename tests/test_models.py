@@ -328,7 +328,7 @@ def test_ensure_torch_weights_once(monkeypatch, tmp_path):
     gguf.write_bytes(b"GGUF" + b"\0" * 60)
     calls = []
 
-    def fake_convert(src, out, verbose):
+    def fake_convert(src, out, verbose, dtype="float32"):
         calls.append(out)
         out.mkdir()
         (out / "config.json").write_text("{}")
@@ -348,7 +348,7 @@ def test_ensure_torch_weights_failure_leaves_nothing(monkeypatch, tmp_path):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
 
-    def fake_convert(src, out, verbose):
+    def fake_convert(src, out, verbose, dtype="float32"):
         out.mkdir()
         (out / "config.json").write_text("{}")
         raise RuntimeError("unsupported architecture")

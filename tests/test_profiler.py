@@ -340,8 +340,88 @@ def test_benchmarks_run_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path):
     assert m["llama_probe"]["chosen"] in ("extra-bufts", "plain") and len(m["llama_probe"]["variants"]) == 2
     assert prof["choice"]["mode"] in cost.MODES and prof["table"]
     json.dumps(prof)  # serialisable
-    assert "choice:" in format_report(prof)
+    report = format_report(prof)
+    assert "choice:" in report
+    # precisions off (the default, as in the Engine's automatic profile): nothing measured, nothing reported
+    assert "precisions" not in m and "precisions" not in prof and "recommended:" not in report
     P.plan_from_profile(prof)
+
+
+def tiny_settings():
+    from duo.profiler.timing import Settings
+
+    return Settings(contexts=(16, 32), ns=(1, 2, 4, 8), other_ns=(1, 8), context_ns=(1, 8), stop_ratio=None,
+                    min_reps=1, max_reps=1, draft_steps=2, draft_context=16, ping_reps=3, max_new_tokens=8,
+                    chain_budget=3, tree_budget=3, max_prompts=2, draft_threads=(1,), interference=False)
+
+
+def test_profile_measures_every_precision_when_asked(tiny_pair):
+    import torch
+
+    from duo.models import DraftRef, TargetRef
+    from duo.profiler.cli import format_report
+    from duo.profiler.precisions import PRECISION_NS
+    from duo.runtime.precision import available_precisions
+
+    prof, _ = P.create_profile(TargetRef("tiny", tiny_pair.target_hf_dir, tiny_pair.target_gguf),
+                               DraftRef("tiny-draft", tiny_pair.draft_gguf), device="cpu", dtype="float32",
+                               settings=tiny_settings(), progress=False, save=False, precisions=True)
+    entries = prof["measurements"]["precisions"]
+    names = available_precisions(torch.device("cpu"))
+    assert set(entries) == set(names) and "int8" in names
+    assert entries["float32"]["own"] and entries["float32"]["load_s"] is None
+    for name, e in entries.items():
+        assert "error" not in e, e
+        assert e["verify"] and all(r["ms"] > 0 and r["context"] == 16 for r in e["verify"])
+        assert e["footprint_bytes"] > 0
+        if name != "float32":
+            assert {r["n"] for r in e["verify"]} == set(PRECISION_NS) and e["load_s"] > 0
+    size = {name: e["footprint_bytes"] for name, e in entries.items()}
+    assert size["int8"] < size["bfloat16"] < size["float32"]
+    rows = {r["precision"]: r for r in prof["precisions"]}
+    assert set(rows) == set(names)
+    for r in rows.values():
+        assert r["target_tps"] > 0 and r["duo_tps"] > 0 and r["verify_n1_ms"] > 0 and r["footprint_bytes"] > 0
+    own = rows["float32"]
+    assert own["own"] and (own["mode"], own["budget"], own["duo_tps"]) == (
+        prof["choice"]["mode"], prof["choice"]["budget"], round(prof["choice"]["predicted_tps"], 3))
+    report = format_report(prof)
+    assert "verify n=1 / n=16 ms" in report and "duo predicted tok/s (plan)" in report
+    assert all(any(line.strip().startswith(n) for line in report.splitlines()) for n in names)
+    best = max(rows.values(), key=lambda r: r["duo_tps"])["precision"]
+    assert f"recommended: {best} (run with --dtype {best}); precision changes the target's numerics: " \
+           "duo never switches it by itself" in report
+    json.dumps(prof)
+
+
+def test_precision_predictions_use_the_profile_draft_and_acceptance():
+    from duo.profiler import precisions
+    from duo.profiler.cli import format_report
+
+    prof = synthetic_profile()
+    m = prof["measurements"]
+    own_rows = [r for r in m["verify"] if r["context"] == 128 and r["threads"] == 4]
+    fast = [dict(r, ms=r["ms"] / 2) for r in own_rows if r["n"] <= 32]      # twice as fast, whatever n
+    m["precisions"] = {"float32": {"verify": own_rows, "footprint_bytes": 4 << 30, "load_s": None, "own": True},
+                       "int8": {"verify": fast, "footprint_bytes": 1 << 30, "load_s": 1.0},
+                       "bfloat16": {"error": "RuntimeError: no kernel"}}
+    P.finish(prof)
+    rows = {r["precision"]: r for r in prof["precisions"]}
+    assert [r["precision"] for r in prof["precisions"]] == ["float32", "bfloat16", "int8"]
+    assert rows["float32"]["duo_tps"] == round(prof["choice"]["predicted_tps"], 3)
+    assert rows["int8"]["target_tps"] > 1.8 * rows["float32"]["target_tps"]
+    assert rows["int8"]["duo_tps"] > rows["float32"]["duo_tps"] and "error" in rows["bfloat16"]
+    # the other contexts and thread counts: the own rows scaled by the measured ratio (here 1/2)
+    full = precisions.scaled_rows(m["verify"], fast)
+    assert len(full) == len(m["verify"]) - 1        # n=64 at (128, 4) was not measured in int8
+    r = next(r for r in full if (r["threads"], r["context"], r["n"]) == (2, 512, 64))
+    assert r["ms"] == pytest.approx(next(o["ms"] for o in m["verify"] if (o["threads"], o["context"], o["n"]) ==
+                                         (2, 512, 64)) / 2)
+    report = format_report(prof)
+    assert "recommended: int8 (run with --dtype int8)" in report and "not measured: RuntimeError" in report
+    del prof["precisions"], m["precisions"]
+    P.finish(prof)                                   # an old profile: no precisions, the report as before
+    assert "precisions" not in prof and "recommended:" not in format_report(prof)
 
 
 def test_verify_curve_is_made_monotone():

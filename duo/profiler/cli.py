@@ -1,7 +1,10 @@
 """`duo profile`: measure this machine with a model pair, print what was found and the plan chosen.
 
-    duo profile [--model M] [--draft D] [--device auto] [--dtype auto] [--quick] [--json] [--prompts FILE]
-                [--plot PATH]
+    duo profile [--model M] [--draft D] [--device auto] [--dtype auto] [--quick] [--no-precisions] [--json]
+                [--prompts FILE] [--plot PATH]
+
+Besides the plan in its own precision (--dtype), the report compares the target in each precision this device
+runs (duo.profiler.precisions): target-only and duo's predicted tokens/s, and the one recommended.
 
 Wire-up (duo/cli.py): `add_profile_parser(sub)` in build_parser, and `return profiler_cli.main(args)`
 for args.command == "profile". Standalone: `python -m duo.profiler.cli ...`.
@@ -13,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import cost
+from . import cost, precisions
 
 BUDGETS_SHOWN = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 63)
 
@@ -33,8 +36,11 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", "-m", help="target: alias, GGUF file or Hugging Face directory (default qwen2.5-coder-1.5b)")
     g.add_argument("--draft", "-d", help="draft: alias or GGUF file (default qwen2.5-coder-0.5b)")
     g.add_argument("--device", default="auto", help="where the target runs: auto, cpu, cuda or cuda:N (default auto)")
-    g.add_argument("--dtype", default="auto", help="target dtype: auto, float32, bfloat16, float16 (default auto)")
+    g.add_argument("--dtype", default="auto", help="target precision: auto, float32, bfloat16, float16, int8 (default "
+                                                   "auto); the profile also reports the others")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and calibration tokens (about 2 minutes on 2 cores)")
+    p.add_argument("--no-precisions", action="store_true",
+                   help="measure the target in the --dtype precision only (not each precision of this device)")
     p.add_argument("--json", action="store_true", help="print the profile as JSON instead of the table")
     p.add_argument("--prompts", metavar="FILE", help="calibration prompts, JSONL with \"prompt\" or \"messages\" "
                                                      "(default configs/calibration_prompts.jsonl)")
@@ -139,6 +145,9 @@ def format_report(profile: dict, path: Path | None = None) -> str:
             f"{ch['target_threads']} threads: {ch['predicted_tps']:.2f} tokens/s predicted "
             f"({ch['expected_tokens']:.2f} tokens per round), {ch['predicted_speedup']:.2f}x target-only "
             f"({ch['target_tps']:.2f} tokens/s)")
+    table = precisions.report_lines(profile)
+    if table:
+        lines += [""] + table
     return "\n".join(lines)
 
 
@@ -157,10 +166,12 @@ def plot_profile(profile: dict, path: str | Path) -> Path | None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for t, curve in sorted(m.verify_ms.items()):
         xs = sorted(curve)
-        ax1.plot(xs, [curve[x] for x in xs], "o-", label=f"target verify, {t} thr")
+        ax1.plot(xs, [curve[x] for x in xs], "o-", label=f"target verify ({profile['key'].get('dtype')}), {t} thr")
     for t in sorted(m.draft_ms):
         xs = list(range(1, 33))
         ax1.plot(xs, [m.draft(b, 1, t) for b in xs], "--", label=f"draft chain of n, {t} thr")
+    for name, xs, ys in precisions.plot_curves(profile):
+        ax1.plot(xs, ys, ".:", label=f"target verify in {name} (measured)")
     ax1.set_xscale("log", base=2)
     ax1.set_xlabel("tokens n (verify pass size / chain length)")
     ax1.set_ylabel("ms")
@@ -197,7 +208,8 @@ def main(args) -> int:
         return simulated.main(args)
     progress = not getattr(args, "no_progress", False) and not getattr(args, "quiet", False)
     profile, path = create_profile(args.model, args.draft, device=args.device, dtype=args.dtype,
-                                   quick=args.quick, prompts=args.prompts, progress=progress)
+                                   quick=args.quick, prompts=args.prompts, progress=progress,
+                                   precisions=not getattr(args, "no_precisions", False))
     plot_to = Path(args.plot) if args.plot else (path.with_suffix(".png") if path else None)
     note = None
     if plot_to is not None:

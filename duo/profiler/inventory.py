@@ -158,7 +158,7 @@ def collect(device: str = "auto", dtype: str = "auto") -> Inventory:
         freq_max_mhz=round(freq.max, 1) if freq and freq.max else None,
         ram_total_gib=round(vm.total / 2**30, 2), ram_available_gib=round(vm.available / 2**30, 2),
         load_avg_1m=round(load, 2) if load is not None else None,
-        gpus=gpus, gpu_note=note, device=dev_name, dtype=str(dt).replace("torch.", ""),
+        gpus=gpus, gpu_note=note, device=dev_name, dtype=dt.name,
         torch=torch.__version__, torch_cuda=torch.version.cuda, llama_cpp=_version("llama_cpp_python"),
         transformers=_version("transformers"), python=platform.python_version(),
         os=f"{platform.system()} {platform.release()}")

@@ -19,8 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import cost, plans
+from . import cost, plans, precisions as sweep
 from .inventory import Inventory
+from .measured import in_loop_factors, measurements_from_profile, min_over_larger  # noqa: F401 (used by importers)
 
 log = logging.getLogger("duo")
 
@@ -210,75 +211,7 @@ def warn_changes(changes: list[str], what: str) -> None:
         log.warning("%s:\n  %s", what, "\n  ".join(changes))
 
 
-# ------------------------------------------------------------------------------------------- cost model view, plan
-def min_over_larger(curve: dict[int, float]) -> dict[int, float]:
-    """verify(n) = min over m >= n of the measured verify(m): a pass over fewer tokens is never slower,
-    so a larger time at smaller n is noise (another process took a core) and must not steer the choice."""
-    out, best = {}, float("inf")
-    for n in sorted(curve, reverse=True):
-        best = min(best, curve[n])
-        out[n] = best
-    return dict(sorted(out.items()))
-
-
-def in_loop_factors(m: dict, verify: dict) -> tuple[float, float]:
-    """How much slower a verification pass is inside sequential decoding than back to back in the micro-benchmark,
-    from the calibration decodes (runs.chain.verify_ms_per_round at its budget), and the tree's cost over the
-    chain's there. On a CPU the target's pass follows the draft's work on the same cores (cold caches, woken
-    threads: +10-30% measured on a 2-core VM); on a GPU it is about 1. Both clamped to [1, 2]."""
-    runs = m.get("acceptance", {}).get("runs", {})
-    chain, tree = runs.get("chain"), runs.get("tree")
-    threads = int(m.get("n_cores", 0)) if int(m.get("n_cores", 0)) in verify else max(verify, default=0)
-    curve = verify.get(threads)
-    if not chain or not curve or chain.get("rounds", 0) < 4 or m.get("gpu"):
-        return 1.0, 1.0
-    n = chain["budget"] + 1
-    lo, hi = max([k for k in curve if k <= n], default=min(curve)), min([k for k in curve if k >= n], default=max(curve))
-    model = curve[lo] if hi == lo else curve[lo] + (curve[hi] - curve[lo]) * (n - lo) / (hi - lo)
-    factor = min(max(chain["verify_ms_per_round"] / model, 1.0), 2.0)
-    tree_factor = 1.0
-    if tree and tree.get("rounds", 0) >= 4 and tree.get("budget") == chain["budget"]:
-        tree_factor = min(max(tree["verify_ms_per_round"] / chain["verify_ms_per_round"], 1.0), 2.0)
-    return factor, tree_factor
-
-
-def measurements_from_profile(profile: dict) -> cost.Measurements:
-    """The cost model's view of a profile's raw measurements.
-
-    verify(n) per thread count is the curve at the first context length, scaled by the mean ratio of all
-    measured context lengths to it (so a prediction stands for the middle of the measured contexts)."""
-    m = profile["measurements"] if "measurements" in profile else profile
-    draft: dict = {}
-    for r in m["draft"]:
-        draft.setdefault(int(r["threads"]), {})[int(r["width"])] = float(r["ms"])
-    by: dict = {}
-    for r in m["verify"]:
-        by.setdefault(int(r["threads"]), {}).setdefault(int(r["context"]), {})[int(r["n"])] = float(r["ms"])
-    contexts = sorted({int(r["context"]) for r in m["verify"]})
-    ref = contexts[0]
-    factors: dict = {}
-    for t, per_ctx in by.items():
-        ratios = [sum(per_ctx[c][k] / per_ctx[ref][k] for k in per_ctx[c] if k in per_ctx.get(ref, {})) /
-                  max(1, len([k for k in per_ctx[c] if k in per_ctx.get(ref, {})]))
-                  for c in per_ctx if c != ref and ref in per_ctx]
-        ratios = [x for x in ratios if x > 0]
-        if ratios:
-            factors[t] = (1 + sum(ratios)) / (1 + len(ratios))
-    default_factor = factors[max(factors)] if factors else 1.0
-    verify = {t: min_over_larger({k: v * factors.get(t, default_factor) for k, v in per_ctx[ref].items()})
-              for t, per_ctx in by.items() if ref in per_ctx}
-    in_loop, tree_in_loop = in_loop_factors(m, verify)
-    a = m["acceptance"]
-    acc = cost.Acceptance(a["hazard"], a.get("rank", []), a.get("tail"))
-    inter = {int(r["draft_threads"]): (r["draft_factor"], r["target_factor"]) for r in m.get("interference", [])}
-    return cost.Measurements(
-        n_cores=int(m["n_cores"]), draft_ms=draft, verify_ms=verify, acceptance=acc, gpu=bool(m.get("gpu")),
-        channel_ms=float(m.get("channel", {}).get("ms", 0.0)), overhead_ms=float(m.get("overhead_ms", 0.0)),
-        tree_factor=max(float(m.get("tree_mask", {}).get("factor", 1.0)), tree_in_loop), interference=inter,
-        loop_factor=in_loop,
-        supports_tree=bool(m.get("supports_tree", True)))
-
-
+# ------------------------------------------------------------------------------------------- plan
 def plan_from_profile(profile: dict, mode: str = "auto", budget: int | None = None):
     """duo.plan.Plan from a profile: the predicted-fastest schedule (within `mode` / `budget`); the overlap
     schedule's draft pinned to the last cores."""
@@ -294,16 +227,17 @@ def plan_from_profile(profile: dict, mode: str = "auto", budget: int | None = No
 # ------------------------------------------------------------------------------------------- profiling
 def create_profile(target=None, draft=None, device: str = "auto", dtype: str = "auto", quick: bool = True,
                    prompts: str | Path | None = None, progress: bool = True, target_model=None,
-                   save: bool = True, settings=None) -> tuple[dict, Path | None]:
-    """Measure this machine with a model pair; returns (profile, path it was saved to).
+                   save: bool = True, settings=None, precisions: bool = False) -> tuple[dict, Path | None]:
+    """Measure this machine with a model pair (precisions: the target in each precision too); returns (profile, path).
 
     target / draft: duo.models refs, or a spec string / None for resolve_target / resolve_draft."""
     from .. import models
-    from ..runtime.target import load_target
+    from ..runtime.target import load_target, storage_dtype
     from . import bench, calibration_prompts, inventory, timing
 
     t0 = time.perf_counter()
-    tref = target if hasattr(target, "hf_dir") else models.resolve_target(target, progress=progress)
+    tref = target if hasattr(target, "hf_dir") else models.resolve_target(
+        target, progress=progress, dtype=storage_dtype(device, dtype))
     dref = draft if hasattr(draft, "gguf") and not hasattr(draft, "hf_dir") else models.resolve_draft(draft, progress=progress)
     inv = inventory.collect(device, dtype)
     key = key_for(tref, dref, inv)
@@ -324,6 +258,7 @@ def create_profile(target=None, draft=None, device: str = "auto", dtype: str = "
     meas = bench.run_benchmarks(tm, dref.gguf, prompt_list, s, progress=progress)
     meas["llama_probe"] = {"chosen": verdict.chosen, "threads": verdict.threads,
                            "variants": [dict(r.__dict__) for r in verdict.results]}
+    meas.update(sweep.measure_precisions(tref, tm, prompt_list, s, meas["verify"], progress) if precisions else {})
     profile = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -343,9 +278,10 @@ def create_profile(target=None, draft=None, device: str = "auto", dtype: str = "
 
 
 def finish(profile: dict) -> None:
-    """Add the choice, the per-(mode, budget) table and the predicted-vs-measured check."""
+    """Add the choice, the per-(mode, budget) table, the predicted-vs-measured check and the precisions' predictions."""
     m = measurements_from_profile(profile)
     c = cost.choose_budget(m)
+    sweep.add_predictions(profile, m, c)
     profile["choice"] = c.to_dict()
     profile["table"] = [dict(mode=r.mode, budget=r.budget, width=r.width, draft_threads=r.draft_threads,
                              target_threads=r.target_threads, expected_tokens=round(r.expected_tokens, 4),

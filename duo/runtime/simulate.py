@@ -135,7 +135,7 @@ def records_dir() -> Path:
 
 
 def model_key(tm) -> str:
-    """Names the target a recording is valid for: its name, dtype and a hash of a few of its weights."""
+    """Names the target a recording is valid for: its name, precision and a hash of a few of its weights."""
     fp = tm.extra.get("sim_fingerprint") if isinstance(getattr(tm, "extra", None), dict) else None
     if fp is None:
         import torch
@@ -149,7 +149,8 @@ def model_key(tm) -> str:
         if isinstance(getattr(tm, "extra", None), dict):
             tm.extra["sim_fingerprint"] = fp
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(tm.name))[:60]
-    return f"{name}-{str(tm.dtype).replace('torch.', '')}-{fp}"
+    precision = getattr(tm, "precision", None) or str(tm.dtype).replace("torch.", "")   # int8 is not its bf16
+    return f"{name}-{precision}-{fp}"
 
 
 def prompt_hash(ids) -> str:

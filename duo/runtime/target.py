@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..sampling import choose_tokens
+from .precision import Precision, PrecisionError, footprint_bytes, quantize_int8, resolve_precision
 from .tree import Tree
 
 log = logging.getLogger("duo")
@@ -41,6 +42,8 @@ class TargetModel:
     supports_tree: bool = True
     threads: int | None = None
     extra: dict = field(default_factory=dict)
+    precision: str = "float32"       # precision.PRECISIONS: dtype above, or int8 weights with dtype activations
+    footprint: int = 0               # bytes of weights and buffers
     uses_host_cores: bool = True     # Python drives every pass from a host core, on a GPU too
     counters: None = None            # (a simulated accelerator's; none here)
 
@@ -86,19 +89,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """'auto': bfloat16 on a GPU that has it, float16 on older GPUs, float32 on the CPU."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise TargetError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
-    return table[dtype]
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> Precision:
+    """The target's precision (precision.py): 'auto' is float32 on the CPU, bfloat16 (or float16) on a GPU."""
+    try:
+        return resolve_precision(dtype, device)
+    except PrecisionError as e:
+        raise TargetError(str(e)) from e
+
+
+def storage_dtype(device: str = "auto", dtype: str = "auto") -> str:
+    """The dtype a converted GGUF target is cached in for this precision (float32, bfloat16, float16)."""
+    return resolve_dtype(dtype, resolve_device(device)).storage
 
 
 def load_target(hf_dir: str | Path, device: str = "auto", dtype: str = "auto", name: str | None = None,
@@ -107,7 +108,8 @@ def load_target(hf_dir: str | Path, device: str = "auto", dtype: str = "auto", n
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    prec = resolve_dtype(dtype, dev)
+    dt = prec.dtype
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -115,6 +117,8 @@ def load_target(hf_dir: str | Path, device: str = "auto", dtype: str = "auto", n
         with quiet_loading(progress):
             model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dt, attn_implementation="sdpa")
         model.to(dev).eval()
+        if prec.weights == "int8":
+            quantize_int8(model, dt)
     except torch.OutOfMemoryError as e:
         raise TargetError(f"out of memory loading the target on {dev}: try a smaller model, --dtype bfloat16, "
                           f"or --device cpu") from e
@@ -133,7 +137,8 @@ def load_target(hf_dir: str | Path, device: str = "auto", dtype: str = "auto", n
         use_onednn_linears(model)
     tm = TargetModel(model=model, tokenizer=tok, device=dev, dtype=dt, vocab_size=cfg.vocab_size,
                      max_context=int(getattr(cfg, "max_position_embeddings", 4096) or 4096),
-                     eos_ids=frozenset(eos_ids), name=name or Path(hf_dir).name, threads=threads)
+                     eos_ids=frozenset(eos_ids), name=name or Path(hf_dir).name, threads=threads,
+                     precision=prec.name, footprint=footprint_bytes(model))
     tm.supports_tree = check_tree_support(tm)
     if not tm.supports_tree:
         log.warning("target %s does not verify trees correctly with a 4D mask; drafting chains only", tm.name)

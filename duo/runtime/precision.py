@@ -1,0 +1,103 @@
+"""The target's precision: the dtype its activations run in and how its weights are stored.
+
+    float32 / bfloat16 / float16   dense weights in that dtype
+    int8                           weight-only int8 (one scale per output channel, symmetric), activations in
+                                   bfloat16 (float16 on a GPU without bf16): torch's own int8-weight matmul
+                                   (torch._weight_int8pack_mm, CPU and CUDA); embeddings and norms stay dense
+
+Precision changes the target's numerics, so duo never switches it silently: "auto" is float32 on the CPU
+and bfloat16 (or float16) on a GPU, and the profiler only recommends (`duo profile` reports each one).
+Exactness always holds relative to the target as loaded in its precision.
+
+    W8 matmul:  y = (x @ q.T) * s         q int8 [out, in], s [out] = max |w_row| / 127, q = round(w / s)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..plan import PRECISION_ALIASES as ALIASES, PRECISIONS
+
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str             # a key of PRECISIONS
+    dtype: torch.dtype    # activations (and dense weights)
+    weights: str          # "dense" | "int8"
+
+    @property
+    def storage(self) -> str:
+        """The dtype the converted weights are cached in (the int8 weights are made from them at load)."""
+        return str(self.dtype).replace("torch.", "")
+
+
+class PrecisionError(ValueError):
+    pass
+
+
+def gpu_half(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+
+
+def resolve_precision(name, device: torch.device) -> Precision:
+    """'auto': float32 on the CPU, bfloat16 on a GPU that has it (else float16)."""
+    if isinstance(name, torch.dtype):
+        name = str(name).replace("torch.", "")
+    name = ALIASES.get(name, name)
+    if name == "auto":
+        name = "float32" if device.type == "cpu" else str(gpu_half(device)).replace("torch.", "")
+    if name not in PRECISIONS:
+        raise PrecisionError(f"unknown dtype {name!r}: use auto, {', '.join(PRECISIONS)}")
+    if name == "int8":
+        return Precision("int8", gpu_half(device), "int8")
+    return Precision(name, getattr(torch, name), "dense")
+
+
+def available_precisions(device: torch.device) -> list[str]:
+    """The precisions this machine runs the target in (float16 only on a GPU: the CPU has no fast fp16 matmul)."""
+    out = ["float32", "bfloat16"] if device.type == "cpu" or torch.cuda.is_bf16_supported() else ["float32", "float16"]
+    if device.type == "cuda" and "float16" not in out:
+        out.append("float16")
+    return out + ["int8"]
+
+
+class Int8Linear(torch.nn.Module):
+    """A Linear with int8 weights and one scale per output channel."""
+
+    def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype):
+        super().__init__()
+        w = linear.weight.detach().to(torch.float32)
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous())
+        self.register_buffer("scales", scale.to(dtype))
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(self.scales.dtype)
+        y = torch._weight_int8pack_mm(rows, self.qweight, self.scales).reshape(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+def quantize_int8(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Replace every Linear (the output layer included) by an Int8Linear; returns how many."""
+    n = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(module, name, Int8Linear(child, dtype))
+                n += 1
+    return n
+
+
+def footprint_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's weights and buffers (tensors shared by tied layers counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.data_ptr(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total

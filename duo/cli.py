@@ -269,9 +269,10 @@ def cmd_run(args) -> int:
         log.info("loaded %s + %s on %s in %.1fs; plan %s", engine.target.name,
                  engine.draft_ref.name if engine.draft_ref else "no draft", engine.target.device,
                  time.perf_counter() - t, engine.plan)
-        note(args, target_line(engine))
         if args.stats:
-            print(f"duo: {plan_line(engine)}", file=sys.stderr, flush=True)
+            print(f"duo: {target_line(engine)}\nduo: {plan_line(engine)}", file=sys.stderr, flush=True)
+        else:
+            note(args, target_line(engine))
         if chat:
             return chat_loop(engine, args, gen)
         return run_once(engine, args, prompt, gen)

@@ -326,7 +326,8 @@ def test_stop_stats_verbose_and_quiet(flags, reference):
     p = duo("run", *flags, "-n", N, "--stop", reference[cut], "--stop", "never-seen", "--stats", PROMPT)
     assert p.returncode == 0
     assert p.out == reference[:cut] + "\n"
-    plan, stats = p.err.splitlines()                 # --stats: the plan it runs, then speed and acceptance
+    target, plan, stats = p.err.splitlines()         # --stats: the target's precision, the plan, then speed and acceptance
+    assert target.startswith("duo: target ") and " float32 on cpu, " in target and "GiB of weights" in target, p.err
     assert plan.startswith("duo: plan: ") and "(defaults)" in plan and "draft in llama.cpp" in plan, p.err
     assert "tok/s" in stats and "accept" in stats and "fallback" not in stats, p.err
     p = duo("run", *flags, "-n", "4", "-v", PROMPT)

@@ -27,7 +27,7 @@ def gguf_of(model) -> Path:
     from duo import models
     from duo.errors import UsageError
 
-    gguf = models.resolve_target(model, progress=False).gguf
+    gguf = models.target_gguf(model, progress=False)   # the GGUF only: no torch conversion
     if gguf is None:
         raise UsageError(f"method llama-cpp needs a GGUF target (a .gguf file or an alias), not the transformers "
                          f"directory {model}")

@@ -328,6 +328,20 @@ def resolve_target(
     return TargetRef(path.stem, hf_dir, path)
 
 
+def target_gguf(spec: str | None = None, progress: bool = True, *, registry: Registry | None = None) -> Path | None:
+    """The GGUF file of a target spec (an alias is pulled), without converting it to torch weights; None for a
+    Hugging Face directory."""
+    registry = registry or load_registry()
+    found = _find(spec or registry.default_target, "target", registry)
+    if isinstance(found, ModelEntry):
+        return pull(found.alias, progress, registry=registry)
+    if found.is_dir():
+        return None
+    if _read_magic(found) != GGUF_MAGIC:
+        raise ModelError(f"target model {found} is not a GGUF file (it does not start with 'GGUF')")
+    return found
+
+
 def resolve_draft(
     spec: str | None = None, progress: bool = True, *, registry: Registry | None = None
 ) -> DraftRef:

@@ -119,7 +119,7 @@ class Engine:
         """The target and the planner that knows its costs: the torch model with this machine's profile
         (profiler/profile.py), or, SIMULATION, the recorded target timed like `accelerator` with the
         accelerator's pass times and this machine's draft (profiler/simulated.py)."""
-        from .profiler import profile, simulated
+        from .profiler import profile
         from .runtime.target import load_target
 
         if target_model is None:
@@ -132,6 +132,7 @@ class Engine:
                                f"{first}); check that it is a complete Hugging Face model directory") from e
         if accelerator is None:
             return target_model, profile.plan_for
+        from .profiler import simulated
         from .runtime.simulate import SimulatedTarget
         if own_plan:   # the simulated accelerator uses no core: the draft gets them all, unpinned
             self.plan.draft_threads, self.plan.target_threads = len(os.sched_getaffinity(0)), 1

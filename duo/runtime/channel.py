@@ -70,6 +70,7 @@ ERR_NONE, ERR_LOAD, ERR_BAD_REQUEST, ERR_LLAMA, ERR_CTX_FULL, ERR_INTERNAL = 0, 
 FLAG_OVERLAP = 1
 
 SHAPE_CODES = {name: i for i, name in enumerate(SHAPES)}   # a tree shape travels as its index in SHAPES
+SHAPE_NAMES = tuple(SHAPES)
 NO_TREE = TreeSpec(0, 1, "chain")                          # the spec of requests that ask for no tree
 
 MSG_BYTES = 4096
@@ -304,7 +305,7 @@ class Channel:
         c = self.ctrl
         n = int(c[N_TOKENS])
         shape = int(c[SHAPE])
-        spec = TreeSpec(int(c[BUDGET]), int(c[WIDTH]), tuple(SHAPES)[shape] if 0 <= shape < len(SHAPES) else "?")
+        spec = TreeSpec(int(c[BUDGET]), int(c[WIDTH]), SHAPE_NAMES[shape] if 0 <= shape < len(SHAPE_NAMES) else "?")
         return Request(int(c[ROUND]), int(c[CMD]), self.tokens[:n].tolist(), spec, int(c[FLAGS]))
 
     # ---------------------------------------------------------------- responses

@@ -57,10 +57,9 @@ def resolve_precision(name, device: torch.device) -> Precision:
 
 def available_precisions(device: torch.device) -> list[str]:
     """The precisions this machine runs the target in (float16 only on a GPU: the CPU has no fast fp16 matmul)."""
-    out = ["float32", "bfloat16"] if device.type == "cpu" or torch.cuda.is_bf16_supported() else ["float32", "float16"]
-    if device.type == "cuda" and "float16" not in out:
-        out.append("float16")
-    return out + ["int8"]
+    if device.type == "cpu":
+        return ["float32", "bfloat16", "int8"]
+    return ["float32"] + (["bfloat16"] if torch.cuda.is_bf16_supported() else []) + ["float16", "int8"]
 
 
 class Int8Linear(torch.nn.Module):

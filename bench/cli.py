@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from duo.cli import add_common_flags, add_generation_flags, add_model_flags, comma_list, formatter, number
+from duo.cli import (add_common_flags, add_generation_flags, add_model_flags, add_retrieval_flags, comma_list,
+                     formatter, number)
 
 
 def _methods(s: str) -> list[str]:
@@ -37,6 +38,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_generation_flags(b, default_max=128, sampling=False,
                          seed_help="shuffle each dataset with seed S before --limit (default: the dataset's own "
                                    "order); also the sampling seed (default 0)")
+    add_retrieval_flags(b)
     g = b.add_argument_group("bench")
     g.add_argument("--dataset", type=comma_list, default=["humaneval", "gsm8k", "mt-bench"], metavar="LIST",
                    help="humaneval, gsm8k, mt-bench, mt-bench-2 (second turns), or a JSONL file")
@@ -68,7 +70,8 @@ def cmd_bench(args) -> int:
                      limit=args.limit, max_new=args.max_new_tokens, model=args.model, draft=args.draft,
                      device=args.device, dtype=args.dtype, budget=args.budget, temperature=args.temperature,
                      seed=args.seed, log=lambda s: print(s, file=sys.stderr, flush=True), simulate=simulate,
-                     on_dataset=lambda rows: write_json(rows, args.json))   # partial results survive a crash
+                     on_dataset=lambda rows: write_json(rows, args.json),
+                     engine_kw=dict(datastore=args.datastore, output_cache=args.output_cache))   # partial results survive a crash
     print(markdown(rows))
     write_json(rows, args.json)
     if args.plot:

@@ -12,7 +12,9 @@
                        another model than the torch target (quantized), so no exactness check; not by default
 
 Options follow '@', comma-separated: 'duo-sequential@chain,nolookup,b=8,w=2' (see parse_method) sets the
-tree shape, turns the prompt lookup off, fixes the budget and the width for that method.
+tree shape, turns the prompt lookup off, fixes the budget and the width for that method; 'noretrieval'
+leaves the datastore and the output cache out (duo methods remember their earlier answers of the run,
+never a warm-up's: no answer finds its own prompt's answer in the cache).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from duo.runtime.tree_shapes import SHAPES
 from .sample import Sample
 
 
-Runner = Callable[[list, int], Sample]   # run(ids, max_new) -> Sample
+Runner = Callable[..., Sample]   # run(ids, max_new, warmup=False) -> Sample; a warm-up is not remembered
 
 
 @dataclass
@@ -122,18 +124,19 @@ def duo_sample(engine, ids, max_new, **kw) -> Sample:
 def _target(s: Shared, name: str, opts: dict) -> Runner:
     if s.simulated or opts:   # duo's own decoding on the target-only engine (replayed, timed like the accelerator)
         return _duo(s, name, opts)
-    return lambda ids, max_new: hf_generate(s.target.model, ids, max_new, s.target.eos_ids, **s.hf_sampling())
+    return lambda ids, max_new, warmup=False: hf_generate(s.target.model, ids, max_new, s.target.eos_ids,
+                                                          **s.hf_sampling())
 
 
 def _hf_assisted(s: Shared, name: str, opts: dict) -> Runner:
     _no_options(name, opts)
-    return lambda ids, max_new: hf_generate(s.target.model, ids, max_new, s.target.eos_ids,
+    return lambda ids, max_new, warmup=False: hf_generate(s.target.model, ids, max_new, s.target.eos_ids,
                                             assistant_model=s.assistant, **s.hf_sampling())
 
 
 def _hf_prompt_lookup(s: Shared, name: str, opts: dict) -> Runner:
     _no_options(name, opts)
-    return lambda ids, max_new: hf_generate(s.target.model, ids, max_new, s.target.eos_ids,
+    return lambda ids, max_new, warmup=False: hf_generate(s.target.model, ids, max_new, s.target.eos_ids,
                                             prompt_lookup_num_tokens=10, **s.hf_sampling())
 
 
@@ -141,7 +144,7 @@ def _llama_cpp(s: Shared, name: str, opts: dict) -> Runner:
     _no_options(name, opts)
     if s.llama_gguf is None:
         raise ValueError("method llama-cpp needs a GGUF target (a .gguf file or an alias)")
-    return lambda ids, max_new: s.llama_peer().run(ids, max_new, s.target.eos_ids)
+    return lambda ids, max_new, warmup=False: s.llama_peer().run(ids, max_new, s.target.eos_ids)
 
 
 def _no_options(name: str, opts: dict) -> None:
@@ -150,7 +153,8 @@ def _no_options(name: str, opts: dict) -> None:
 
 
 def _duo(s: Shared, name: str, opts: dict) -> Runner:
-    return lambda ids, max_new: duo_sample(s.engines[name], ids, max_new, **s.duo_sampling(), **opts)
+    return lambda ids, max_new, warmup=False: duo_sample(s.engines[name], ids, max_new, remember=not warmup,
+                                                         **s.duo_sampling(), **opts)
 
 
 @dataclass(frozen=True)
@@ -185,7 +189,7 @@ def default_methods(simulated: bool = False) -> list[str]:
 
 
 def parse_method(m: str) -> tuple[str, dict]:
-    """'duo-sequential@chain,nolookup,b=8,w=2' -> ('duo-sequential', {shape, lookup, budget, width})."""
+    """'duo-sequential@chain,nolookup,b=8,w=2' -> ('duo-sequential', {shape, lookup, budget, width}); noretrieval."""
     name, _, spec = m.partition("@")
     opts: dict = {}
     for o in filter(None, spec.split(",")):
@@ -193,12 +197,14 @@ def parse_method(m: str) -> tuple[str, dict]:
             opts["shape"] = o
         elif o == "nolookup":
             opts["lookup"] = False
+        elif o == "noretrieval":
+            opts["retrieval"] = False
         elif o.startswith("b="):
             opts["budget"] = int(o[2:])
         elif o.startswith("w="):
             opts["width"] = int(o[2:])
         else:
-            raise ValueError(f"unknown method option {o!r} in {m!r}: use {'|'.join(SHAPES)}|nolookup|b=N|w=N")
+            raise ValueError(f"unknown method option {o!r} in {m!r}: use {'|'.join(SHAPES)}|nolookup|noretrieval|b=N|w=N")
     return name, opts
 
 

@@ -1,35 +1,43 @@
-"""Greedy divergences of duo from the target alone on two MT-bench prompts (bf16): where they part, the
-reference top-2 gap there, and the batched-vs-one-token logit noise (the bound a near-tie is judged by).
-Run: python -m bench.near_ties (writes nothing)."""
-import torch
+"""A greedy divergence of a duo row from the target row, judged by the near-tie rule (tests/test_precision.py):
+allowed only where the reference's top-2 logit gap is below the precision's bound, float32's fixed 1e-4, for
+the others twice the measured noise of evaluating the same positions in another batch shape (one-token
+steps against one batched pass), and at least 1e-4; and only if duo's token is one of the two.
 
-from bench import datasets as ds
-from duo import Engine
+    check(tm, ids, got, ref) -> Divergence     re-decodes the reference up to the divergence, with logits
+"""
+from __future__ import annotations
 
+from dataclasses import dataclass
 
-def main() -> None:
-    torch.set_num_threads(2)
-    plist = ds.load("mt-bench", 3)
-    with Engine(dtype="bfloat16", progress=False) as e:
-        tm = e.target
-        print("plan", e.plan.mode, e.plan.budget, e.plan.width)
-        for i in (0, 1):
-            ids = e.encode(plist[i].messages)
-            with torch.inference_mode():
-                out = tm.model.generate(torch.tensor([ids]), max_new_tokens=128, do_sample=False, eos_token_id=list(tm.eos_ids),
-                                        pad_token_id=list(tm.eos_ids)[0], output_logits=True, return_dict_in_generate=True,
-                                        attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-            ref = out.sequences[0, len(ids):].tolist(); logits = [l[0].float() for l in out.logits]
-            got = e.generate(plist[i].messages, max_new_tokens=128).token_ids
-            k = next((j for j, (a, b) in enumerate(zip(got, ref)) if a != b), None)
-            with torch.inference_mode():
-                batched = tm.model(input_ids=torch.tensor([ids + ref[:-1]])).logits[0, len(ids) - 1:].float()
-            noise = float((batched - torch.stack(logits)).abs().max())
-            top = torch.topk(logits[k], 2) if k is not None else None
-            print(f"prompt {i}: diverge at {k}: duo {got[k] if k is not None else None} ref {ref[k] if k is not None else None}; "
-                  f"ref top-2 {top.indices.tolist() if top is not None else None} gap {float(top.values[0]-top.values[1]) if top is not None else None:.4g}; "
-                  f"batched-vs-step noise max {noise:.4g}, at divergence {float((batched[k]-logits[k]).abs().max()) if k is not None else 0:.4g}", flush=True)
+NEAR_TIE = 1e-4
 
 
-if __name__ == "__main__":
-    main()
+@dataclass
+class Divergence:
+    position: int      # first answer token where duo and the target part
+    duo: int           # duo's token there
+    ref: int           # the target's
+    gap: float         # the target's top-2 logit gap there (one-token decoding, as the target row ran)
+    noise: float       # max |one-token step logits - one batched pass's| over the answer up to there
+    bound: float       # the near-tie bound: 1e-4 in float32, else max(1e-4, 2 * noise)
+    near_tie: bool     # gap < bound and duo's token is one of the top two
+
+
+def check(tm, ids: list[int], got: list[int], ref: list[int]) -> Divergence:
+    """Where got and ref part, and whether it is a near-tie (tm: the torch target, as loaded)."""
+    import torch
+
+    k = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        out = tm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=k + 1, do_sample=False,
+                                eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        steps = torch.stack([lg[0].float() for lg in out.logits])                  # positions 0..k
+        batched = tm.model(input_ids=torch.tensor([ids + ref[:k]])).logits[0, len(ids) - 1:].float()
+    noise = float((batched[:len(steps)] - steps[:len(batched)]).abs().max())
+    top = torch.topk(steps[k], 2)
+    gap = float(top.values[0] - top.values[1])
+    bound = NEAR_TIE if tm.precision == "float32" else max(NEAR_TIE, 2 * noise)
+    token = got[k] if k < len(got) else -1
+    return Divergence(k, token, ref[k] if k < len(ref) else -1, gap, noise, bound,
+                      gap < bound and token in top.indices.tolist())

@@ -51,7 +51,9 @@ def summarize(dataset: str, method: str, samples: list[Sample], ref: list[Sample
                      "pauses": sum(x.get("pauses", 0) for x in st),
                      "target_idle_s": sum(x.get("target_idle_s", 0) for x in st),
                      "draft_idle_s": sum(x.get("draft_idle_s", 0) for x in st),
-                     "verify_s": sum(x.get("verify_s", 0) for x in st)}
+                     "verify_s": sum(x.get("verify_s", 0) for x in st),
+                     "free_rounds": sum(x.get("free_rounds", 0) for x in st),   # rounds without the model's tree
+                     "sources": sum_sources(st)}
         if rounds and any(x.get("drafted") for x in st):   # where the time of one round goes, ms
             prefill = sum(x.get("prefill_s", 0) for x in st)
             x = row.extra
@@ -65,6 +67,50 @@ def summarize(dataset: str, method: str, samples: list[Sample], ref: list[Sample
         row.mismatches = [i for i, (a, b) in enumerate(zip(samples, ref)) if a.tokens != b.tokens]
         row.exact = not row.mismatches
     return row
+
+
+def exact_cell(r: Row) -> str:
+    """yes / near-ties (n): every divergence a proven near-tie / NO (n)."""
+    if r.exact is None:
+        return "-"
+    if r.exact:
+        return "yes"
+    checked = r.extra.get("divergences", [])
+    if len(checked) == len(r.mismatches) and all(x["near_tie"] for x in checked):
+        return f"near-ties ({len(checked)})"
+    return f"NO ({len(r.mismatches)})"
+
+
+def sum_sources(stats: list[dict]) -> dict:
+    """{source: {asked, skipped, proposed, gained, accepted, seconds}} summed over a method's answers."""
+    out: dict = {}
+    for x in stats:
+        for name, r in x.get("sources", {}).items():
+            acc = out.setdefault(name, dict.fromkeys(("asked", "skipped", "proposed", "gained", "accepted", "seconds"), 0))
+            for k in acc:
+                acc[k] += r.get(k, 0)
+    return out
+
+
+def sources_table(rows: list[Row]) -> list[str]:
+    """Where the accepted tokens came from: each candidate source of each duo row."""
+    rows = [r for r in rows if r.extra.get("sources") and not r.extra.get("measured_as")]
+    if not rows:
+        return []
+    lines = ["", "Candidate sources (asked: rounds it proposed in; accepted: its nodes on accepted paths; own depth: "
+             "what its own tree would have been accepted to, per round asked; ms: its proposal's time per round "
+             "asked, the model's being the target's wait):", "",
+             "| dataset | method | source | asked | skipped | nodes/round | accepted | own depth/round | ms/round |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for name, x in r.extra["sources"].items():
+            n = max(1, x["asked"])
+            lines.append(f"| {r.dataset} | {r.method} | {name} | {x['asked']} | {x['skipped']} | {x['proposed'] / n:.1f} | "
+                         f"{x['accepted']} | {x['gained'] / n:.2f} | {1000 * x['seconds'] / n:.2f} |")
+        if r.extra.get("free_rounds"):
+            lines.append(f"| {r.dataset} | {r.method} | (rounds without the model's tree) | {r.extra['free_rounds']} "
+                         f"| | | | | |")
+    return lines
 
 
 def markdown(rows: list[Row]) -> str:
@@ -83,7 +129,7 @@ def markdown(rows: list[Row]) -> str:
     for r in rows:
         line = (f"| {r.dataset} | {r.method} | {r.prompts} | {r.new_tokens} | {r.tokens_per_s:.2f} | "
                 f"{r.speedup:.2f}x | {r.ttft_s:.2f} | {r.mean_accepted_len:.2f} | {r.acceptance_rate:.2f} | "
-                f"{'-' if r.exact is None else 'yes' if r.exact else f'NO ({len(r.mismatches)})'} |")
+                f"{exact_cell(r)} |")
         if sim:
             x, hit = r.extra, r.extra.get("overlap_hit_rate")
             line += (f" {x.get('plan', '-')} | {x.get('efficiency', 0):.0%} | {x.get('target_idle_ms_per_round', 0):.1f} | "
@@ -97,8 +143,15 @@ def markdown(rows: list[Row]) -> str:
                   "reported under both names."]
     wrong = [r for r in rows if r.mismatches]
     if wrong:
-        lines += ["", "Greedy outputs different from the target's (prompt index in the dataset order used):"]
-        lines += [f"- {r.dataset} {r.method}: {', '.join(map(str, r.mismatches))}" for r in wrong]
+        lines += ["", "Greedy outputs different from the target's (prompt index in the dataset order used); each "
+                  "checked: the target's top-2 logit gap where they part against the precision's near-tie bound "
+                  "(1e-4 in float32, else twice the measured step-vs-batch logit noise):"]
+        for r in wrong:
+            checked = {x["prompt"]: x for x in r.extra.get("divergences", [])}
+            lines.append(f"- {r.dataset} {r.method}: " + "; ".join(
+                f"{i}" + (f" at token {x['position']}: gap {x['gap']:.3g} vs bound {x['bound']:.3g} -> "
+                          f"{'near-tie' if x['near_tie'] else 'NOT a near-tie'}" if (x := checked.get(i)) else "")
+                for i in r.mismatches))
     drafted = [r for r in rows if r.accepted_per_position and not r.extra.get("measured_as")]
     if drafted:
         lines += ["", "Per-position acceptance, P(accepted depth >= d) per round, d = 1, 2, ...:", "",
@@ -114,6 +167,7 @@ def markdown(rows: list[Row]) -> str:
             t = r.extra["round_ms"]
             lines.append(f"| {r.dataset} | {r.method} | {t['round']:.1f} | {t['verify']:.1f} | {t['wait_for_draft']:.1f} "
                          f"| {t['other']:.1f} | {t['draft_idle']:.1f} |")
+    lines += sources_table(rows)
     return "\n".join(lines)
 
 

@@ -226,6 +226,8 @@ def run_dataset(cfg: BenchConfig, d: str, plist: list, methods: list[str], share
         row = summarize(d, m, samples, ref if checked else None)
         if sim:
             simulation_extra(row, shared.engines[name], opts, samples, sim.model, sim.accel)
+        if row.mismatches and not sim:   # each greedy divergence: a proven near-tie, or not
+            row.extra["divergences"] = check_divergences(shared.target, encoded, samples, ref, row.mismatches, f"{d} {m}")
         if m == "target":
             ref = samples
         elif m.startswith("duo") and not sim:
@@ -242,12 +244,24 @@ def run_dataset(cfg: BenchConfig, d: str, plist: list, methods: list[str], share
     set_speedups(rows, d)
 
 
+def check_divergences(tm, encoded: list, samples: list[Sample], ref: list[Sample], which: list[int], what: str) -> list:
+    """The near-tie check of each mismatched prompt (bench.near_ties): re-decodes the target up to where they part."""
+    from .near_ties import check
+    bar = progress(len(which), f"{what}: checking {len(which)} divergence{'s' * (len(which) > 1)} for near-ties")
+    out = []
+    for i in which:
+        out.append({"prompt": i, **asdict(check(tm, encoded[i], samples[i].tokens, ref[i].tokens))})
+        bar.update(1)
+    bar.close()
+    return out
+
+
 def answer_first_turns(plist: list, shared: Shared, max_new: int) -> None:
     """mt-bench-2: the second turn follows the target's own (greedy) answer to the first (not timed)."""
     first = next((e for k, e in shared.engines.items() if k.startswith("duo")), shared.base)
     bar = progress(len(plist), "mt-bench-2: answering the first turns (not timed)")
     for p in plist:
-        answer = first.generate(p.messages, max_new_tokens=max_new).text
+        answer = first.generate(p.messages, max_new_tokens=max_new, remember=False).text
         p.messages = p.messages + [{"role": "assistant", "content": answer},
                                    {"role": "user", "content": p.turns[1]}]
         bar.update(1)
@@ -257,8 +271,11 @@ def answer_first_turns(plist: list, shared: Shared, max_new: int) -> None:
 def run_method(cfg: BenchConfig, d: str, m: str, encoded: list, shared: Shared) -> list[Sample]:
     """One method's timed answers to a dataset's prompts, after `warmup` short untimed ones."""
     run = runner(m, shared)
-    for ids in encoded[:cfg.warmup]:      # warm-up (a short generation), not timed
-        run(ids, 16)
+    engine = shared.engines.get(parse_method(m)[0])
+    if engine is not None and m != "target":   # its output cache holds this method's answers of this dataset only
+        engine.retrieval.forget()
+    for ids in encoded[:cfg.warmup]:      # warm-up (a short generation), not timed, not remembered
+        run(ids, 16, True)
     bar = progress(len(encoded), f"{d} {m}")
     samples = []
     for ids in encoded:

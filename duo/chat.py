@@ -16,9 +16,12 @@ log = logging.getLogger("duo")
 
 
 def stats_line(st: dict) -> str:
+    sources = {k: v["accepted"] for k, v in st.get("sources", {}).items() if v.get("accepted")}
     return (f"{st.get('new_tokens', 0)} tok  {st.get('tokens_per_s', 0):.1f} tok/s  "
             f"accept {st.get('acceptance_rate', 0):.0%}  {st.get('mean_accepted_len', 0):.2f} tok/pass  "
-            f"mode {st.get('mode')}" + (f"  fallback: {st['fallback']}" if st.get("fallback") else ""))
+            f"mode {st.get('mode')}"
+            + (f"  accepted from {', '.join(f'{k} {v}' for k, v in sources.items())}" if sources else "")
+            + (f"  fallback: {st['fallback']}" if st.get("fallback") else ""))
 
 
 def target_line(engine) -> str:

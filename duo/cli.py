@@ -8,9 +8,10 @@ The distinction is made where the error is raised: duo.errors.UsageError (exit 2
 argparse's own errors are usage errors too.
 
 `duo run`'s generation (one answer, the chat) is in duo.chat; `duo profile` is duo.profiler.cli. Other
-packages add commands through the entry point group "duo.commands" (see add_plugin_commands): `duo bench`
-is bench.cli:add_parser, registered in pyproject.toml. Such a command builds its parser from the helpers
-here: formatter, number, comma_list, add_model_flags, add_generation_flags, add_common_flags.
+modules add commands through the entry point group "duo.commands" (see add_plugin_commands): `duo bench`
+is bench.cli:add_parser and `duo datastore` duo.datastore.cli:add_parser, registered in pyproject.toml.
+Such a command builds its parser from the helpers here: formatter, number, comma_list, add_model_flags,
+add_generation_flags, add_retrieval_flags, add_common_flags.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def number(kind, what: str, lo=None, hi=None, lo_open: bool = False):
     return parse
 
 
-def _budget(s: str):
+def budget_value(s: str):
     return s if s == "auto" else number(int, ">= 1 (or auto)", lo=1)(s)
 
 
@@ -116,6 +117,19 @@ def add_model_flags(p) -> None:
                    help="target precision: auto, float32, bfloat16, float16, int8")
 
 
+def add_retrieval_flags(p) -> None:
+    """--datastore --output-cache --output-cache-file: candidates that cost no model (duo.retrieval)."""
+    g = p.add_argument_group("retrieval")
+    g.add_argument("--datastore", metavar="DIR", default=os.environ.get("DUO_DATASTORE"),
+                   help="draft also from this datastore (`duo datastore build`; default $DUO_DATASTORE)")
+    g.add_argument("--output-cache", type=number(int, ">= 0 (0 = off)", lo=0), default=2_000_000, metavar="N",
+                   help="draft also from up to N tokens of earlier answers (default 2000000; 0 = off)")
+    g.add_argument("--no-cache", dest="output_cache", action="store_const", const=0,
+                   help="no output cache (same as --output-cache 0)")
+    g.add_argument("--output-cache-file", metavar="FILE",
+                   help="reload the output cache from FILE and save it there at the end")
+
+
 def add_generation_flags(p, *, default_max: int, sampling: bool, seed_help: str = "random seed for sampling") -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", "-n", type=number(int, ">= 0", lo=0), default=default_max, metavar="N",
@@ -128,7 +142,7 @@ def add_generation_flags(p, *, default_max: int, sampling: bool, seed_help: str 
         g.add_argument("--top-k", type=number(int, ">= 0 (0 = off)", lo=0), default=0, metavar="K",
                        help="sample among the K likeliest tokens (0 = off)")
     g.add_argument("--seed", type=number(int, ">= 0", lo=0), default=None, metavar="S", help=seed_help)
-    g.add_argument("--budget", type=_budget, default="auto", metavar="B",
+    g.add_argument("--budget", type=budget_value, default="auto", metavar="B",
                    help="drafted tokens per round: auto or B >= 1")
 
 
@@ -146,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("prompt", nargs="?", help="the prompt; '-' reads stdin; omit on a terminal to chat")
     add_model_flags(r)
     add_generation_flags(r, default_max=512, sampling=True)
+    add_retrieval_flags(r)
     g = r.add_argument_group("run")
     g.add_argument("--stop", action="append", type=_stop, default=[], metavar="TEXT",
                    help="stop before TEXT (repeatable)")
@@ -265,7 +280,8 @@ def cmd_run(args) -> int:
     note(args, "loading models...")
     t = time.perf_counter()
     with Engine(args.model, args.draft, device=args.device, dtype=args.dtype, budget=args.budget,
-                mode=args.mode, progress=not args.quiet, profile=args.profile) as engine:
+                mode=args.mode, progress=not args.quiet, profile=args.profile, datastore=args.datastore,
+                output_cache=args.output_cache, output_cache_file=args.output_cache_file) as engine:
         log.info("loaded %s + %s on %s in %.1fs; plan %s", engine.target.name,
                  engine.draft_ref.name if engine.draft_ref else "no draft", engine.target.device,
                  time.perf_counter() - t, engine.plan)

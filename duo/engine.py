@@ -24,6 +24,7 @@ from .arguments import check_engine_args, sampling_params
 from .errors import DuoError, UsageError
 from .plan import Plan, check_mode, default_plan
 from .prompt import Messages, TextStream, encode_prompt
+from .retrieval import DEFAULT_CACHE_TOKENS, Retrieval, check_retrieval_args
 
 if TYPE_CHECKING:
     from .runtime.decode import DecodeConfig, Stats
@@ -62,6 +63,8 @@ class Engine:
         budget: drafted tokens per round, or "auto" (the plan's choice).
         mode: "auto", "overlap" (draft while the target verifies), "sequential", or "target" (no draft).
         width, shape, lookup: tree shape options (max branches; chain | dynamic | eagle; n-gram candidates).
+        datastore, output_cache, output_cache_file: retrieved candidates (duo.retrieval): a datastore
+            directory (`duo datastore build`), tokens of earlier generations kept (0 = none), their file.
         context: the longest prompt + answer, in tokens (capped by the target's own window).
         plan: a ready Plan (threads, cores, budget), overriding mode/budget.
         progress: show download / conversion progress on stderr.
@@ -81,15 +84,19 @@ class Engine:
     def __init__(self, model: str | None = None, draft: str | None = None, *, device: str = "auto",
                  dtype: str = "auto", budget: int | str = "auto", mode: str = "auto", width: int | None = None,
                  shape: str = "dynamic", lookup: bool = True, context: int = 8192, plan: Plan | None = None,
-                 progress: bool = True, target_model=None, profile: str = "saved", simulate=None):
+                 progress: bool = True, target_model=None, profile: str = "saved", simulate=None,
+                 datastore: str | None = None, output_cache: int = DEFAULT_CACHE_TOKENS,
+                 output_cache_file: str | None = None):
         from . import models
         from .runtime.target import TargetError, storage_dtype
 
         self._closed, self._draft, self._draft_failed = True, None, False
+        self.retrieval = Retrieval()
         self._lock, self._owner = threading.Lock(), None   # the owner: thread id of the generation holding the lock
         self.draft_llama = None     # llama_probe.Verdict: the llama.cpp configuration the draft runs with
         accelerator = check_engine_args(model, draft, device, dtype, budget, mode, width, context, plan, profile,
                                   simulate, target_model)
+        check_retrieval_args(datastore, output_cache, output_cache_file)
         self.plan = plan or default_plan(mode, None if budget == "auto" else budget)
         self.plan.adaptive = self.plan.adaptive and budget == "auto"
         self.plan.width = self.plan.width if width is None else width
@@ -110,6 +117,8 @@ class Engine:
             raise DuoError(str(e)) from e
         self.context = min(context, self.target.max_context)
         self.draft_ref = dref
+        self.retrieval = Retrieval.open(datastore, output_cache, output_cache_file, len(self.target.tokenizer),
+                                        tref.name)
         if dref is not None:
             self._start_draft()
         self._closed = False
@@ -207,7 +216,8 @@ class Engine:
                             mode=mode, tree=tree, lookup=self.lookup if overrides.get("lookup") is None else overrides.get("lookup"),
                             draft_timeout_s=timeout, budget_range=(max(1, p.budget // 4), 2 * p.budget) if adaptive else None,
                             draft_prefill_alongside=p.draft_has_own_cores or not self.target.uses_host_cores,
-                            pause_when_slower=adaptive)
+                            pause_when_slower=adaptive, datastore=self.retrieval.datastore,
+                            output_cache=self.retrieval.cache)
 
     def draft_stats(self):
         """The draft worker's counters (runtime.channel.DraftStats: busy/idle time, overlap hits...), or None."""
@@ -226,12 +236,15 @@ class Engine:
                       stop: str | Sequence[str] = (), system: str | None = None, chat: bool | None = None,
                       stats: Stats | None = None, mode: str | None = None, budget: int | None = None,
                       width: int | None = None, shape: str | None = None, lookup: bool | None = None,
+                      retrieval: bool = True, remember: bool = True, logprobs: int | None = None,
                       ) -> Iterator[tuple[list[int], str]]:
         """Yield (committed token ids, new text) per round. The lower-level form of `stream`.
 
         Takes the arguments of `generate`, plus `stats` (a runtime.decode.Stats filled in as it goes) and
         mode/budget/width/shape/lookup, which override the plan for this call (benchmarks and the profiler
-        sweep them). The text may be "" for a round whose characters are not complete yet.
+        sweep them); retrieval=False drafts without the datastore and the output cache, remember=False keeps
+        this answer out of the cache (a bench warm-up); logprobs=K fills stats.token_logprobs with each token's
+        logprob under the target and its K likeliest. The text may be "" for a round not complete yet.
         """
         from .runtime.decode import Stats, generate_tokens
         from .runtime.placement import pinned, torch_threads
@@ -247,6 +260,9 @@ class Engine:
             ids = self.encode(prompt, system=system, chat=chat)
             cfg = self._decode_config(max_new_tokens, sampling, len(ids),
                                       dict(mode=mode, budget=budget, width=width, shape=shape, lookup=lookup))
+            if not retrieval:
+                cfg.datastore = cfg.output_cache = None
+            cfg.logprobs = logprobs
             if cfg.max_new_tokens == 0:
                 return
             try:   # SIMULATION: the recording it replays, made once per prompt (a real target: nothing to do)
@@ -256,10 +272,12 @@ class Engine:
             self._ensure_draft()
             draft = self._draft if cfg.mode != "target" else None
             text = TextStream(self.target.tokenizer, stop)
+            produced: list[int] = []
             with pinned(self.plan.target_cores), torch_threads(self.plan.target_threads):
                 gen = generate_tokens(self.target, draft, ids, cfg, stats)
                 try:
                     for new in gen:
+                        produced += new
                         piece = text.push(new)
                         yield new, piece
                         if text.stopped:
@@ -276,6 +294,8 @@ class Engine:
                                    f"fewer new tokens or a smaller --budget") from e
                 finally:
                     gen.close()
+                    if remember and produced:
+                        self.retrieval.remember(ids + produced)
                     self._draft_failed = stats.fallback is not None and draft is not None
                     _warn_if_not_speculating(stats, draft is not None)
 
@@ -349,6 +369,7 @@ class Engine:
         draft, self._draft = self._draft, None
         if draft is not None:
             draft.close()
+        self.retrieval.close()
 
     def __enter__(self) -> "Engine":
         return self
@@ -357,10 +378,8 @@ class Engine:
         self.close()
 
     def __del__(self):
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 def _warn_if_not_speculating(stats, had_draft: bool) -> None:

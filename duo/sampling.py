@@ -94,3 +94,14 @@ def choose_tokens(logits: torch.Tensor, p: SamplingParams, u: np.ndarray | None)
     uu = torch.as_tensor(u, dtype=torch.float64, device=cdf.device).unsqueeze(-1) * cdf[:, -1:]
     tok = torch.searchsorted(cdf, uu, right=True).squeeze(-1)  # first index with cdf > u
     return tok.clamp_(max=logits.shape[-1] - 1).cpu().numpy()
+
+
+def token_logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int], top: int) -> list[tuple]:
+    """(logprob of tokens[i], [(token, logprob)] of the `top` likeliest) at logits[rows[i]]: the target's own
+    distribution (log-softmax of its logits, temperature 1), whatever sampled the token."""
+    lp = torch.log_softmax(logits[rows].float(), dim=-1)                       # [len(rows), vocab]
+    chosen = lp.gather(-1, torch.as_tensor(tokens, device=lp.device).unsqueeze(-1)).squeeze(-1).tolist()
+    if top <= 0:
+        return [(c, []) for c in chosen]
+    vals, idx = torch.topk(lp, min(top, lp.shape[-1]), dim=-1)
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, idx.tolist(), vals.tolist())]

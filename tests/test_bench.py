@@ -143,3 +143,45 @@ def test_llama_cpp_greedy_tokens_are_the_torch_targets(tiny_pair):
             break
         seq.append(tok)
     assert len(got) == 12
+
+
+def test_no_answer_finds_its_own_prompts_answer_in_the_output_cache(tiny_pair, prompts_file):
+    """Two methods on one engine (duo@noretrieval, then duo): the second starts with an empty output cache,
+    and a warm-up is not remembered, so on one prompt the cache never has anything to offer."""
+    rows = run_bench([str(prompts_file)], ["duo-sequential@noretrieval", "duo-sequential"], limit=1, max_new=24,
+                     model=str(tiny_pair.target_hf_dir), draft=str(tiny_pair.draft_gguf), device="cpu",
+                     log=lambda s: None)
+    assert [r.method for r in rows] == ["duo-sequential@noretrieval", "duo-sequential"]
+    assert all("cache" not in r.extra["sources"] for r in rows), [r.extra["sources"] for r in rows]
+    assert all(r.extra["sources"]["model"]["accepted"] > 0 for r in rows)   # speculation happened
+    # with two prompts the second one drafts from the first one's answer (the cache is on in the second method)
+    rows = run_bench([str(prompts_file)], ["duo-sequential"], limit=2, max_new=24, model=str(tiny_pair.target_hf_dir),
+                     draft=str(tiny_pair.draft_gguf), device="cpu", log=lambda s: None)
+    assert rows[0].extra["sources"]["cache"]["asked"] > 0
+
+
+def test_a_divergence_is_checked_against_the_near_tie_bound(tiny_pair):
+    """bench.near_ties.check finds where two answers part and judges the target's top-2 gap there."""
+    import torch
+    from bench.near_ties import NEAR_TIE, check
+    from bench.report import Row, exact_cell
+    from duo import Engine
+
+    with Engine(str(tiny_pair.target_hf_dir), mode="target", device="cpu", progress=False, profile="off") as e:
+        tm = e.target
+        ids = e.encode("def fib(n):")
+        x = torch.tensor([ids])
+        out = tm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
+                                eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        ref = out.sequences[0, len(ids):].tolist()
+        second = int(torch.topk(out.logits[5][0].float(), 2).indices[1])
+        got = ref[:5] + [second] + ref[6:]
+        d = check(tm, ids, got, ref)
+        gap = float(torch.topk(out.logits[5][0].float(), 2).values.diff().abs())
+    assert (d.position, d.duo, d.ref) == (5, second, ref[5])
+    assert d.gap == pytest.approx(gap, abs=1e-5) and d.bound == NEAR_TIE   # float32: the fixed rule
+    assert d.near_tie == (gap < NEAR_TIE)
+    row = Row("x", "duo", exact=False, mismatches=[0], extra={"divergences": [{"prompt": 0, "near_tie": True}]})
+    assert exact_cell(row) == "near-ties (1)"
+    row.extra["divergences"][0]["near_tie"] = False
+    assert exact_cell(row) == "NO (1)"

@@ -81,8 +81,9 @@ def engines(tiny_pair):
     shm0 = my_segments()
     made = {"target": Engine(str(tiny_pair.target_hf_dir), device="cpu", mode="target", progress=False)}
     for mode in ("sequential", "overlap"):
+        # no output cache: every case repeats one prompt, whose earlier answer would draft it instead of the worker
         made[mode] = Engine(str(tiny_pair.target_hf_dir), str(tiny_pair.draft_gguf), device="cpu", progress=False,
-                            plan=Plan(mode=mode, budget=8, draft_ms_per_token=DRAFT_MS, source="test"))
+                            plan=Plan(mode=mode, budget=8, draft_ms_per_token=DRAFT_MS, source="test"), output_cache=0)
     for e in made.values():
         e.target.eos_ids = frozenset()
     yield made

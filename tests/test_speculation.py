@@ -99,6 +99,9 @@ class _Recorder:
     def start(self, prompt, **kw):
         self.events.append(("start", len(prompt)))
 
+    def alive(self):
+        return True
+
     def request_tree(self, delta, spec, timeout):
         from duo.runtime.tree import Tree
         self.events.append(("tree", len(delta)))

@@ -11,7 +11,8 @@ Each timing is repeated until stable (median, min, max over the repetitions; duo
 * interference: both at once (draft process spinning on its cores, target on the others), the
   slowdown of each side, as the overlap schedule would see it (these three: duo.profiler.benchers);
 * channel: DraftClient.ping round trip;
-* acceptance: duo's own decoding of the calibration prompts (duo.profiler.acceptance).
+* acceptance: duo's own decoding of the calibration prompts (duo.profiler.acceptance);
+* sources: the free candidate sources' ms per round (duo.profiler.sources_cost).
 
 Module level imports stay light (no torch).
 """
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .acceptance import decode_calibration
+from .sources_cost import measure_free_sources
 from .benchers import TargetBencher, draft_steps, interference, target_threads
 from .calibration_prompts import encode_prompts, filler
 from .timing import Settings, progress_bar
@@ -99,6 +101,7 @@ def run_benchmarks(tm, draft_gguf: str | Path, prompts: list[dict], s: Settings,
         out["draft"] = draft_steps(draft_gguf, lay.draft_threads, lay.cores, tokens, s, bar,
                                    then=both_at_once(tb, lay, alone, tokens, s, bar, out["interference"]))
         out.update(decode_calibration(tm, draft_gguf, prompt_ids, s, min(lay.n, 8), lay.seq_threads, bar))
+        out["sources"] = measure_free_sources(prompt_ids)
         out["acceptance"].update(draft_threads=min(lay.n, 8), target_threads=lay.seq_threads)
     finally:
         bar.close()

@@ -91,6 +91,9 @@ def format_report(profile: dict, path: Path | None = None) -> str:
             cells = {r["n"]: r for r in m["verify"] if r["threads"] == t and r["context"] == c}
             add(f"  {t:>7} {c:>4}" + "".join(f"{_ms(cells[k]['ms']) if k in cells else '-':>8}" for k in ns))
     extra = [f"channel round trip {_ms(m['channel']['ms'])} ms", f"loop overhead {_ms(m.get('overhead_ms', 0))} ms/round"]
+    if "sources" in m:
+        extra.append(f"free sources {_ms(m['sources']['ms'])} ms/round (prompt lookup {_ms(m['sources']['lookup_ms'])}, "
+                     f"output cache {_ms(m['sources']['cache_ms'])})")
     if m.get("tree_mask"):
         extra.append(f"tree mask x{m['tree_mask']['factor']:.2f} (n={m['tree_mask']['n']})")
     for r in m.get("interference", []):

@@ -9,13 +9,14 @@ One round commits E tokens (the accepted path plus the target's bonus token) and
         L_r  = the budget split over the w branches as the drafter splits it (each >= 1, pro rata:
                duo.runtime.tree_shapes.split_budget itself)
     target-only:  T = verify(1) + overhead
-    sequential:   T = draft(budget, width) + verify(1 + budget) + channel + overhead
-    overlap:      T = p * max(verify', draft' + step') + (1 - p) * (verify' + draft) + channel + overhead
+    sequential:   T = draft(budget, width) + verify(1 + budget) + channel + overhead + sources
+    overlap:      T = p * max(verify', draft' + step') + (1 - p) * (verify' + draft) + channel + overhead + sources
         The worker drafts the next tree while the target verifies, assuming the whole top path and the
         draft's own guess of the bonus token are accepted; p = S(L0 + 1) is the probability of that hit
         (p = 1 gives the plain max(draft, verify)). On a miss it drafts again while the target waits.
         verify' and draft' include the slowdown measured while both run at once (shared cores, memory
         bandwidth); step' is the extra decode of the leaf that predicts the bonus token.
+    sources: the free candidate sources' proposals (prompt lookup, output cache), measured per round.
 
 draft(budget, width) sums the measured ms per llama.cpp decode step, by batch width, over the steps the
 drafter takes: a chain decodes `budget` steps of one token; a tree decodes the root and the first token,
@@ -166,6 +167,7 @@ class Measurements:
     gpu: bool = False         # target on a GPU: its time does not depend on CPU threads
     channel_ms: float = 0.0   # request/response exchange with the worker
     overhead_ms: float = 0.0  # host work per round outside the forward pass and the draft
+    sources_ms: float = 0.0   # the free candidate sources' proposals per speculative round
     tree_factor: float = 1.0  # verify time of a branched tree / a chain of as many tokens
     interference: dict = field(default_factory=dict)  # {draft threads: (draft factor, target factor)}
     supports_tree: bool = True
@@ -276,7 +278,7 @@ def evaluate(m: Measurements, mode: str, budget: int, width: int, draft_threads:
         v, d = v2, d2
     else:
         raise ValueError(f"unknown mode {mode!r}")
-    t += m.channel_ms + m.overhead_ms
+    t += m.channel_ms + m.overhead_ms + m.sources_ms
     return Row(mode, budget, width, draft_threads, target_threads, e, t, d, v, hit, 1000.0 * e / t)
 
 

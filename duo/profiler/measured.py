@@ -73,5 +73,5 @@ def measurements_from_profile(profile: dict) -> cost.Measurements:
         n_cores=int(m["n_cores"]), draft_ms=draft, verify_ms=verify, acceptance=acc, gpu=bool(m.get("gpu")),
         channel_ms=float(m.get("channel", {}).get("ms", 0.0)), overhead_ms=float(m.get("overhead_ms", 0.0)),
         tree_factor=max(float(m.get("tree_mask", {}).get("factor", 1.0)), tree_in_loop), interference=inter,
-        loop_factor=in_loop,
+        loop_factor=in_loop, sources_ms=float(m.get("sources", {}).get("ms", 0.0)),
         supports_tree=bool(m.get("supports_tree", True)))

@@ -3,8 +3,10 @@
     committed = prompt                       cache holds committed[:-1], root = committed[-1]
     logits = target.prefill(prompt)          the first token comes from the prefill, emitted at once
     loop:
-      tree    = draft.propose(history)       CPU worker; in overlap mode it was drafted while we verified
-              + each free source's tree      prompt lookup (sources/): merged under the round's budget
+      free    = each free source's tree      prompt lookup, datastore, output cache (sources/), by measured trust
+      tree    = draft.propose(history)       CPU worker; in overlap mode it was drafted while we verified;
+                                             skipped when the free tree alone commits more per second
+              + free, merged under the round's budget; budget left: the free sources continue its top path
       logits  = target.forward_tree(root + tree)   one target pass, tree attention mask
       choices = target's own token at every node (argmax, or inverse CDF at u[position])
       path, bonus = walk the tree along nodes the target agrees with
@@ -27,7 +29,8 @@ import numpy as np
 from ..plan import TreeSpec
 from ..sampling import SamplingParams, UniformStream
 from .governor import Governor
-from .sources import free_sources
+from .sources import extend_top_path, free_sources, propose_free
+from .sources.ledger import SourceLedger
 from .sources.model import ModelDraft
 from .target_interface import Target
 from .tree import SOURCE_IDS, Tree, accept_path, merge_trees, prune_depth
@@ -40,6 +43,9 @@ class DecodeConfig:
     mode: str = "sequential"        # overlap | sequential | target (duo.plan.MODES)
     tree: TreeSpec = field(default_factory=TreeSpec)   # the model draft's tree; its budget bounds the merged tree
     lookup: bool = True             # add prompt-lookup (n-gram) candidates to the tree
+    datastore: object = None        # a duo.datastore.index.SuffixIndex: retrieved candidates (REST)
+    output_cache: object = None     # a sources.output_cache.OutputCache: candidates from earlier generations
+    logprobs: int | None = None     # record each emitted token's logprob under the target, and this many top ones
     draft_timeout_s: float = 10.0   # a round's draft taking longer means the worker hangs
     budget_range: tuple[int, int] | None = None   # adapt the budget within this range as acceptance changes
     draft_prefill_alongside: bool = False  # the draft has cores of its own: it prefills while the target does
@@ -63,6 +69,9 @@ class Stats:
     accepted_from_lookup: int = 0
     budget_sum: int = 0              # drafted-node budgets asked for, summed over rounds
     plain_steps: int = 0             # rounds decoded by the target alone while speculation was paused
+    free_rounds: int = 0             # speculative rounds on the free sources' tree alone (no model draft)
+    sources: dict = field(default_factory=dict)   # per candidate source: sources.ledger.SourceRecord fields
+    token_logprobs: list = field(default_factory=list)   # with cfg.logprobs: (logprob, [(token, logprob)]) per token
     pauses: int = 0                  # times speculation was paused for being slower than the target alone
     fallback: str | None = None
     stop_reason: str = ""
@@ -79,6 +88,7 @@ class Stats:
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
+        d.pop("token_logprobs")
         d["acceptance_rate"] = self.accepted / self.drafted if self.drafted else 0.0
         d["mean_budget"] = d.pop("budget_sum") / self.rounds if self.rounds else 0.0
         # tokens per target pass after the prefill (whose token is the first): path + bonus, 1 for a plain step
@@ -96,6 +106,11 @@ def adapt_budget(accepted_ema: float, lo: int, hi: int) -> int:
     return int(min(hi, max(lo, round(2 * accepted_ema + 4))))
 
 
+def logprobs_of(tm: Target, logits, rows: list[int], tokens: list[int], top: int | None) -> list:
+    """The emitted tokens' logprobs under the target (at the logits row before each), [] when not asked."""
+    return tm.token_logprobs(logits, rows, tokens, top) if top is not None else []
+
+
 def generate_tokens(tm: Target, draft, prompt: list[int], cfg: DecodeConfig, stats: Stats,
                     ) -> Iterator[list[int]]:
     """Yield the tokens committed by each round until EOS or max_new_tokens. `draft` (a DraftClient) may be None."""
@@ -105,7 +120,8 @@ def generate_tokens(tm: Target, draft, prompt: list[int], cfg: DecodeConfig, sta
     model = None if stats.mode == "target" else ModelDraft(
         draft, cfg.tree, overlap=cfg.mode == "overlap", timeout_s=cfg.draft_timeout_s, vocab_size=tm.vocab_size,
         budget_range=cfg.budget_range, alongside=cfg.draft_prefill_alongside, stats=stats)
-    sources = free_sources(cfg.lookup) if model is not None else []
+    sources = free_sources(cfg.lookup, cfg.datastore, cfg.output_cache) if model is not None else []
+    ledger = SourceLedger()
     gov = Governor()
     if model is not None and cfg.draft_prefill_alongside:   # the draft has cores of its own: prefill side by side
         model.start(prompt)
@@ -113,6 +129,7 @@ def generate_tokens(tm: Target, draft, prompt: list[int], cfg: DecodeConfig, sta
     cache = tm.new_cache()
     logits = tm.prefill(cache, prompt)
     new = [int(tm.choose_tokens(logits, cfg.sampling, None if cfg.sampling.greedy else u.take([0]))[0])]
+    new_logprobs = logprobs_of(tm, logits, [0], new, cfg.logprobs)
     stats.prefill_s = time.perf_counter() - t0
     history = list(prompt)
     budget, accepted_ema = cfg.tree.budget, cfg.tree.budget / 2
@@ -121,6 +138,7 @@ def generate_tokens(tm: Target, draft, prompt: list[int], cfg: DecodeConfig, sta
         # 4. commit (the prefill's token, then each round's path + bonus): emit up to EOS / the limit
         eos_at = next((i for i, tok in enumerate(new) if tok in tm.eos_ids), None)
         new = new[:eos_at + 1 if eos_at is not None else len(new)][:cfg.max_new_tokens - n_new]
+        stats.token_logprobs += new_logprobs[:len(new)]
         n_new += len(new)
         stats.new_tokens = n_new
         history.extend(new)
@@ -136,15 +154,22 @@ def generate_tokens(tm: Target, draft, prompt: list[int], cfg: DecodeConfig, sta
             break
         remaining = cfg.max_new_tokens - n_new
         t_round = time.perf_counter()
-        # 1. draft: the model's tree (unless the governor paused it), then the free sources', merged
-        drafting = model is not None and model.alive and remaining > 1 and gov.speculate()
-        speculate = drafting or (model is not None and not model.alive and remaining > 1)
+        # 1. draft: the free sources' tree, then the model's (unless the governor paused it, or, sequential,
+        #    the free tree alone commits more per second), merged; budget left: extend the top path
+        speculate = model is not None and remaining > 1 and (gov.speculate() or not model.alive)
+        free, own = propose_free(sources, ledger, history, budget) if speculate else (Tree.empty(), {})
+        drafting = speculate and model.alive and gov.speculate() and not (
+            cfg.mode == "sequential" and ledger.free_is_enough(free))
+        stats.free_rounds += speculate and model.alive and gov.speculate() and not drafting
         round_budget = model.round_budget(budget) if drafting else 0
         tree = model.propose(history, round_budget) if drafting else Tree.empty()
-        if model is not None and not drafting:
+        if drafting:
+            own["model"] = tree
+            ledger.proposed("model", tree, model.wait_s)
+            ledger.waited(model.wait_s)
+        elif model is not None:
             model.keep_up()
-        for src in sources if speculate else []:
-            tree = merge_trees(tree, src.propose(history, budget), budget)
+        tree = extend_top_path(merge_trees(tree, free, budget), sources, ledger, history, budget)
         if not tm.supports_tree and len(tree):
             tree = tree.top_chain()
         tree = prune_depth(tree, remaining - 1)
@@ -160,10 +185,12 @@ def generate_tokens(tm: Target, draft, prompt: list[int], cfg: DecodeConfig, sta
         verify_s = time.perf_counter() - t
         stats.verify_s += verify_s
         new = [int(tree.tokens[k]) for k in path] + [bonus]
+        new_logprobs = logprobs_of(tm, logits, [0] + [k + 1 for k in path], new, cfg.logprobs)   # row before each
         stats.record_round(tree, path, round_budget)
+        ledger.settle(own, tree, path, new, verify_s, free_only=speculate and not drafting and model.alive)
         # the next round's plan: faster than the target alone? how big a tree?
         if model is not None and model.alive and cfg.pause_when_slower:
-            gov.record(drafting, len(new), time.perf_counter() - t_round)
+            gov.record(speculate, len(new), time.perf_counter() - t_round)
         if drafting and cfg.budget_range:
             accepted_ema = 0.7 * accepted_ema + 0.3 * len(path)
             budget = adapt_budget(accepted_ema, *cfg.budget_range)
@@ -171,5 +198,6 @@ def generate_tokens(tm: Target, draft, prompt: list[int], cfg: DecodeConfig, sta
             model.after_verify(round_budget, verify_s)
     stats.wall_s = time.perf_counter() - t0
     stats.plain_steps, stats.pauses = gov.plain_steps, gov.pauses
+    stats.sources = ledger.summary()
     if model is not None:
         model.finish()

@@ -106,6 +106,11 @@ class DraftClient:
     def alive(self) -> bool:
         return not self._closed and not self._dead.is_set() and self._proc.is_alive()
 
+    @property
+    def exitcode(self):
+        """The worker process's exit code (None while it runs)."""
+        return self._proc.exitcode
+
     def __enter__(self) -> "DraftClient":
         return self
 

@@ -311,6 +311,10 @@ class SimulatedTarget:
             raise SimulationError("the simulated accelerator replays greedy decoding only (temperature 0)")
         return choices
 
+    def token_logprobs(self, choices, rows, tokens, top) -> list:
+        """A replay has no distribution to give."""
+        return []
+
     def prefill(self, cache: SimCache, tokens) -> np.ndarray:
         """The whole prompt; returns the target's first token (the recording's), as the real prefill's logits
         give it."""

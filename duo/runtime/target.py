@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..sampling import choose_tokens
+from ..sampling import choose_tokens, token_logprobs
 from .precision import Precision, PrecisionError, footprint_bytes, quantize_int8, resolve_precision
 from .tree import Tree
 
@@ -65,6 +65,9 @@ class TargetModel:
 
     def choose_tokens(self, logits, sampling, u):
         return choose_tokens(logits, sampling, u)
+
+    def token_logprobs(self, logits, rows, tokens, top):
+        return token_logprobs(logits, rows, tokens, top)
 
     def compact_cache(self, cache, n_keep: int, path: list[int]) -> None:
         compact_cache(cache, n_keep, path)

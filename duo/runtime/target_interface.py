@@ -42,5 +42,9 @@ class Target(Protocol):
     def choose_tokens(self, logits, sampling: SamplingParams, u: np.ndarray | None) -> np.ndarray:
         """The target's token at every row: argmax (greedy) or the inverse CDF at u[row]. int64 [rows]."""
 
+    def token_logprobs(self, logits, rows: list[int], tokens: list[int], top: int) -> list[tuple]:
+        """(logprob of tokens[i], [(token, logprob)] * top) under the target at logits[rows[i]]; [] if the
+        target has no distribution to give (the simulated accelerator)."""
+
     def compact_cache(self, cache, n_keep: int, path: list[int]) -> None:
         """Keep the first n_keep entries and the accepted tree nodes `path`, in order; drop the rest."""

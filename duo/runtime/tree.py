@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SOURCE_IDS = {"model": 0, "lookup": 1}   # Tree.source codes: which candidate source drafted a node
+SOURCE_IDS = {"model": 0, "lookup": 1, "datastore": 2, "cache": 3}   # Tree.source: the candidate source of a node
 
 
 @dataclass
@@ -100,8 +100,9 @@ def accept_path(tree: Tree, choices: np.ndarray) -> tuple[list[int], int]:
 
 
 # ------------------------------------------------------------------------------- merging and trimming
-def merge_trees(a: Tree, b: Tree, budget: int) -> Tree:
-    """Union of two trees with the same root (shared paths merged), trimmed to the `budget` best nodes.
+def merge_trees(a: Tree, b: Tree, budget: int, at: int = -1) -> Tree:
+    """Union of two trees (shared paths merged), trimmed to the `budget` best nodes. b hangs under a's
+    node `at` (-1: both have the same root; a node: b continues a's path to it).
 
     A node's score is the product of probabilities along its path; children never outscore their
     parent, so the top-`budget` nodes by score always form a tree.
@@ -110,7 +111,7 @@ def merge_trees(a: Tree, b: Tree, budget: int) -> Tree:
         return a
     tokens, parents, probs, source = list(a.tokens), list(a.parents), list(a.probs), list(a.source)
     index = {(int(p), int(t)): i for i, (p, t) in enumerate(zip(a.parents, a.tokens))}
-    remap = {-1: -1}
+    remap = {-1: at}
     for k in range(len(b)):
         key = (remap[int(b.parents[k])], int(b.tokens[k]))
         if key in index:

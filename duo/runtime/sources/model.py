@@ -64,7 +64,11 @@ class ModelDraft:
         return tree
 
     def keep_up(self) -> None:
-        """Paused, with cores of its own: the worker decodes what the target commits meanwhile (no wait)."""
+        """A round without the model's tree: a worker that died meanwhile is noticed now (the round goes on
+        without it, stats.fallback says why); paused with cores of its own, the worker decodes what the
+        target commits meanwhile (no wait)."""
+        if self.alive and self.started and not self.client.alive():
+            self.fail(f"draft worker died (exit code {self.client.exitcode})")
         if not (self.alive and self.started and self.alongside and self.pending):
             return
         try:

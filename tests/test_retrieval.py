@@ -221,3 +221,24 @@ def test_a_datastore_for_another_vocabulary_is_refused(tiny_pair, tmp_path):
     with pytest.raises(UsageError, match="not a datastore"):
         Engine(str(tiny_pair.target_hf_dir), mode="target", device="cpu", progress=False, profile="off",
                datastore=str(tmp_path))
+
+
+def test_seeded_sampling_with_datastore_and_cache_candidates_equals_target_alone(tiny_pair, tmp_path):
+    """Sampling stays the target's own with retrieved candidates in the tree: the datastore and the output
+    cache hold the target's samples for these seeds, so their candidates are drafted and accepted."""
+    kw = dict(max_new_tokens=24, temperature=0.8, top_p=0.95)
+    prompts = ["def fibonacci(n):", "class Stack:", "import numpy as np"]
+    with Engine(str(tiny_pair.target_hf_dir), device="cpu", mode="target", progress=False, profile="off",
+                output_cache=0) as alone:
+        refs = [alone.generate(p, seed=s, **kw).token_ids for s, p in enumerate(prompts)]
+        docs = [alone.encode(p) + r for p, r in zip(prompts, refs)]
+        vocab = len(alone.target.tokenizer)
+    SuffixIndex.build(docs[:2]).save(tmp_path / "ds", {"vocab_size": vocab, "model": "tiny"})
+    with Engine(str(tiny_pair.target_hf_dir), str(tiny_pair.draft_gguf), device="cpu", mode="sequential", budget=8,
+                progress=False, profile="off", lookup=False, datastore=str(tmp_path / "ds")) as spec:
+        spec.retrieval.remember(docs[2])                         # the third one's answer, in the output cache
+        got = [spec.generate(p, seed=s, **kw) for s, p in enumerate(prompts)]
+    assert [g.token_ids for g in got] == refs
+    assert all(g.stats["fallback"] is None for g in got)
+    assert sum(g.stats["sources"].get("datastore", {}).get("accepted", 0) for g in got[:2]) > 0
+    assert got[2].stats["sources"]["cache"]["accepted"] > 0

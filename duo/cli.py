@@ -117,8 +117,8 @@ def add_model_flags(p) -> None:
                    help="target precision: auto, float32, bfloat16, float16, int8")
 
 
-def add_retrieval_flags(p) -> None:
-    """--datastore --output-cache --output-cache-file: candidates that cost no model (duo.retrieval)."""
+def add_retrieval_flags(p, cache_file: bool = True) -> None:
+    """--datastore --output-cache --no-cache [--output-cache-file]: candidates that cost no model (duo.retrieval)."""
     g = p.add_argument_group("retrieval")
     g.add_argument("--datastore", metavar="DIR", default=os.environ.get("DUO_DATASTORE"),
                    help="draft also from this datastore (`duo datastore build`; default $DUO_DATASTORE)")
@@ -126,8 +126,15 @@ def add_retrieval_flags(p) -> None:
                    help="draft also from up to N tokens of earlier answers (default 2000000; 0 = off)")
     g.add_argument("--no-cache", dest="output_cache", action="store_const", const=0,
                    help="no output cache (same as --output-cache 0)")
-    g.add_argument("--output-cache-file", metavar="FILE",
-                   help="reload the output cache from FILE and save it there at the end")
+    if cache_file:
+        g.add_argument("--output-cache-file", metavar="FILE",
+                       help="reload the output cache from FILE and save it there at the end")
+
+
+def retrieval_kwargs(args) -> dict:
+    """The Engine arguments of add_retrieval_flags' flags."""
+    return dict(datastore=args.datastore, output_cache=args.output_cache,
+                output_cache_file=getattr(args, "output_cache_file", None))
 
 
 def add_generation_flags(p, *, default_max: int, sampling: bool, seed_help: str = "random seed for sampling") -> None:
@@ -280,8 +287,7 @@ def cmd_run(args) -> int:
     note(args, "loading models...")
     t = time.perf_counter()
     with Engine(args.model, args.draft, device=args.device, dtype=args.dtype, budget=args.budget,
-                mode=args.mode, progress=not args.quiet, profile=args.profile, datastore=args.datastore,
-                output_cache=args.output_cache, output_cache_file=args.output_cache_file) as engine:
+                mode=args.mode, progress=not args.quiet, profile=args.profile, **retrieval_kwargs(args)) as engine:
         log.info("loaded %s + %s on %s in %.1fs; plan %s", engine.target.name,
                  engine.draft_ref.name if engine.draft_ref else "no draft", engine.target.device,
                  time.perf_counter() - t, engine.plan)

@@ -158,9 +158,10 @@ def generate_tokens(tm: Target, draft, prompt: list[int], cfg: DecodeConfig, sta
         #    the free tree alone commits more per second), merged; budget left: extend the top path
         speculate = model is not None and remaining > 1 and (gov.speculate() or not model.alive)
         free, own = propose_free(sources, ledger, history, budget) if speculate else (Tree.empty(), {})
-        drafting = speculate and model.alive and gov.speculate() and not (
-            cfg.mode == "sequential" and ledger.free_is_enough(free))
-        stats.free_rounds += speculate and model.alive and gov.speculate() and not drafting
+        free_only = speculate and model.alive and gov.speculate() and cfg.mode == "sequential" \
+            and ledger.free_is_enough(free)
+        drafting = speculate and model.alive and gov.speculate() and not free_only
+        stats.free_rounds += free_only
         round_budget = model.round_budget(budget) if drafting else 0
         tree = model.propose(history, round_budget) if drafting else Tree.empty()
         if drafting:
@@ -187,7 +188,7 @@ def generate_tokens(tm: Target, draft, prompt: list[int], cfg: DecodeConfig, sta
         new = [int(tree.tokens[k]) for k in path] + [bonus]
         new_logprobs = logprobs_of(tm, logits, [0] + [k + 1 for k in path], new, cfg.logprobs)   # row before each
         stats.record_round(tree, path, round_budget)
-        ledger.settle(own, tree, path, new, verify_s, free_only=speculate and not drafting and model.alive)
+        ledger.settle(own, tree, path, new, verify_s, free_only=free_only)
         # the next round's plan: faster than the target alone? how big a tree?
         if model is not None and model.alive and cfg.pause_when_slower:
             gov.record(speculate, len(new), time.perf_counter() - t_round)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SOURCE_IDS = {"model": 0, "lookup": 1, "datastore": 2, "cache": 3}   # Tree.source: the candidate source of a node
+SOURCE_NAMES = {code: name for name, code in SOURCE_IDS.items()}
 
 
 @dataclass

@@ -12,7 +12,8 @@ import sys
 import threading
 import time
 
-from ..cli import add_common_flags, add_model_flags, add_retrieval_flags, budget_value, formatter, number
+from ..cli import (add_common_flags, add_model_flags, add_retrieval_flags, budget_value, formatter, number,
+                   retrieval_kwargs)
 from ..errors import UsageError
 from ..exits import EXIT_OK
 
@@ -73,8 +74,7 @@ def cmd_serve(args) -> int:
     if args.host not in LOCAL and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", args.host)
     with Engine(args.model, args.draft, device=args.device, dtype=args.dtype, budget=args.budget,
-                progress=not args.quiet, profile=args.profile, datastore=args.datastore,
-                output_cache=args.output_cache, output_cache_file=args.output_cache_file) as engine:
+                progress=not args.quiet, profile=args.profile, **retrieval_kwargs(args)) as engine:
         app = create_app(engine, model_name=engine.target.name, api_key=args.api_key, max_queue=args.max_queue,
                          queue_timeout_s=args.queue_timeout, max_body_bytes=args.max_body,
                          default_max_tokens=args.default_max_tokens)

@@ -66,6 +66,8 @@ def extend_top_path(tree: Tree, sources, ledger: SourceLedger, history: list[int
     context = history + [int(tree.tokens[k]) for k in path]
     for src in sources:
         if ledger.should_ask(src.name):
-            more = ledger.trusted(src.name, src.propose(context, budget))
-            tree = merge_trees(tree, more, budget, at=path[-1])
+            t = time.perf_counter()
+            more = src.propose(context, budget)
+            ledger.record_of(src.name).seconds += time.perf_counter() - t   # its cost per round: both proposals
+            tree = merge_trees(tree, ledger.trusted(src.name, more), budget, at=path[-1])
     return tree

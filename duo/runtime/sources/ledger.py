@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..tree import SOURCE_IDS, Tree, path_scores
+from ..tree import SOURCE_NAMES, Tree, path_scores
 
 WARMUP = 8          # rounds a source is asked before it may be skipped
 PROBE_EVERY = 16    # a skipped source is asked again every this many rounds
@@ -32,7 +32,8 @@ class SourceRecord:
     gained: int = 0         # sum of its own trees' accepted depth along the committed tokens
     accepted: int = 0       # its nodes on the accepted paths of the merged trees
     gain_ema: float | None = None   # recent gained depth per asked round (EMA)
-    seconds: float = 0.0    # time spent proposing (the model: the target's wait for its tree)
+    seconds: float = 0.0    # time spent proposing, extensions of the top path included (the model: the
+                            # target's wait for its tree)
 
     @property
     def trust(self) -> float:
@@ -99,9 +100,8 @@ class SourceLedger:
             gained = matched_depth(tree, committed)
             r.gained += gained
             r.gain_ema = gained if r.gain_ema is None else 0.7 * r.gain_ema + 0.3 * gained
-        names = {code: name for name, code in SOURCE_IDS.items()}
         for k in path:
-            self.record_of(names[int(merged.source[k])]).accepted += 1
+            self.record_of(SOURCE_NAMES[int(merged.source[k])]).accepted += 1
         self.verify_s = verify_s if self.verify_s is None else 0.7 * self.verify_s + 0.3 * verify_s
 
     def waited(self, seconds: float) -> None:

@@ -27,10 +27,12 @@ class OutputCache:
         self.max_tokens = max_tokens
         self.docs: list[np.ndarray] = []
         self.segments: list[tuple[int, SuffixIndex]] = []
+        self.n_tokens = 0                          # tokens in docs
 
-    @property
-    def n_tokens(self) -> int:
-        return sum(len(d) for d in self.docs)
+    def _set_docs(self, docs: list[np.ndarray]) -> None:
+        """Keep `docs` (oldest first), indexed as one segment."""
+        self.docs, self.n_tokens = docs, sum(len(d) for d in docs)
+        self.segments = [(0, SuffixIndex.build(docs))] if docs else []
 
     def add(self, tokens) -> None:
         """Index one finished generation (prompt + output)."""
@@ -38,10 +40,13 @@ class OutputCache:
         if len(doc) < 2:
             return
         self.docs.append(doc)
+        self.n_tokens += len(doc)
         if self.n_tokens > self.max_tokens:        # drop the oldest documents, re-index what is left
-            while self.n_tokens > 0.75 * self.max_tokens and len(self.docs) > 1:
-                self.docs.pop(0)
-            self.segments = [(0, SuffixIndex.build(self.docs))]
+            keep, total = len(self.docs), self.n_tokens
+            while total > 0.75 * self.max_tokens and keep > 1:
+                total -= len(self.docs[len(self.docs) - keep])
+                keep -= 1
+            self._set_docs(self.docs[len(self.docs) - keep:])
             return
         self.segments.append((len(self.docs) - 1, SuffixIndex.build([doc])))
         while len(self.segments) > 1 and 2 * len(self.segments[-1][1]) >= len(self.segments[-2][1]):
@@ -88,9 +93,7 @@ class OutputCache:
                 break
             kept.append(d)
             total += len(d)
-        cache.docs = kept[::-1]
-        if cache.docs:
-            cache.segments = [(0, SuffixIndex.build(cache.docs))]
+        cache._set_docs(kept[::-1])
         return cache
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from duo.cli import (add_common_flags, add_generation_flags, add_model_flags, add_retrieval_flags, comma_list,
-                     formatter, number, retrieval_kwargs)
+from duo.cli import (add_adapter_flags, add_common_flags, add_generation_flags, add_model_flags, add_retrieval_flags,
+                     adapter_kwargs, comma_list, formatter, number, retrieval_kwargs)
 
 
 def _methods(s: str) -> list[str]:
@@ -39,6 +39,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                          seed_help="shuffle each dataset with seed S before --limit (default: the dataset's own "
                                    "order); also the sampling seed (default 0)")
     add_retrieval_flags(b, cache_file=False)   # each method starts with an empty cache: no file to keep
+    add_adapter_flags(b, record=False)
     g = b.add_argument_group("bench")
     g.add_argument("--dataset", type=comma_list, default=["humaneval", "gsm8k", "mt-bench"], metavar="LIST",
                    help="humaneval, gsm8k, mt-bench, mt-bench-2 (second turns), or a JSONL file")
@@ -71,7 +72,7 @@ def cmd_bench(args) -> int:
                      device=args.device, dtype=args.dtype, budget=args.budget, temperature=args.temperature,
                      seed=args.seed, log=lambda s: print(s, file=sys.stderr, flush=True), simulate=simulate,
                      on_dataset=lambda rows: write_json(rows, args.json),
-                     engine_kw=retrieval_kwargs(args))   # partial results survive a crash
+                     engine_kw={**retrieval_kwargs(args), **adapter_kwargs(args)})   # partial results survive a crash
     print(markdown(rows))
     write_json(rows, args.json)
     if args.plot:

@@ -8,6 +8,8 @@
     duo-sequential     duo, the draft and the target taking turns
     duo-overlap        duo, the draft drafting while the target verifies
     duo                duo as `duo run` runs it (mode auto: the saved profile's plan)
+    rest               REST as its authors run it: the datastore's trie alone drafts, no draft model, no prompt
+                       lookup, no output cache (needs --datastore); not by default
     llama-cpp          a peer, not a baseline: the target's GGUF alone in llama.cpp, greedy (bench.llama_peer);
                        another model than the torch target (quantized), so no exactness check; not by default
 
@@ -157,6 +159,12 @@ def _duo(s: Shared, name: str, opts: dict) -> Runner:
                                                          **s.duo_sampling(), **opts)
 
 
+def _rest(s: Shared, name: str, opts: dict) -> Runner:
+    _no_options(name, opts)
+    return lambda ids, max_new, warmup=False: duo_sample(s.engines[name], ids, max_new, model_draft=False,
+                                                         lookup=False, remember=False, **s.duo_sampling())
+
+
 @dataclass(frozen=True)
 class Method:
     """One method: how it is built from the shared models, and where it applies."""
@@ -175,6 +183,7 @@ METHOD_TABLE: dict[str, Method] = {m.name: m for m in (
     Method("duo-sequential", _duo, duo_mode="sequential", simulated=True),
     Method("duo-overlap", _duo, duo_mode="overlap", default=False, simulated=True),
     Method("duo", _duo, duo_mode="auto", simulated=True),
+    Method("rest", _rest, duo_mode="sequential", default=False),
     Method("llama-cpp", _llama_cpp, default=False, peer=True),
 )}
 METHODS = tuple(METHOD_TABLE)

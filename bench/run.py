@@ -101,6 +101,8 @@ def check_methods(cfg: BenchConfig):
     bad = [m for m in cfg.methods if m.split("@")[0] not in METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {', '.join(bad)}: choose from {', '.join(METHODS)}")
+    if "rest" in (m.split("@")[0] for m in cfg.methods) and not (cfg.engine_kw or {}).get("datastore"):
+        raise UsageError("method rest drafts from a datastore alone: give --datastore PATH (duo datastore build)")
     if cfg.simulate is None:
         return None
     accel = accelerator(cfg.simulate)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 import sys
 import time
 
@@ -21,6 +22,7 @@ def stats_line(st: dict) -> str:
             f"accept {st.get('acceptance_rate', 0):.0%}  {st.get('mean_accepted_len', 0):.2f} tok/pass  "
             f"mode {st.get('mode')}"
             + (f"  accepted from {', '.join(f'{k} {v}' for k, v in sources.items())}" if sources else "")
+            + (f"  draft adapter {Path(st['adapter']).name}" if st.get("adapter") else "")
             + (f"  fallback: {st['fallback']}" if st.get("fallback") else ""))
 
 

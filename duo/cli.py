@@ -10,15 +10,14 @@ argparse's own errors are usage errors too.
 `duo run`'s generation (one answer, the chat) is in duo.chat; `duo profile` is duo.profiler.cli. Other
 modules add commands through the entry point group "duo.commands" (see add_plugin_commands): `duo bench`
 is bench.cli:add_parser and `duo datastore` duo.datastore.cli:add_parser, registered in pyproject.toml.
-Such a command builds its parser from the helpers here: formatter, number, comma_list, add_model_flags,
-add_generation_flags, add_retrieval_flags, add_common_flags.
+Such a command builds its parser from formatter (here) and the flag helpers of duo.flags, re-exported here:
+number, comma_list, add_model_flags, add_generation_flags, add_retrieval_flags, add_adapter_flags, add_common_flags.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import re
 import signal
 import sys
 import time
@@ -26,59 +25,17 @@ import warnings
 
 from . import __version__
 from .errors import DuoError, UsageError
-from .plan import MODES, PRECISION_ALIASES, PRECISIONS
+from .plan import MODES
 from .exits import EXIT_INTERRUPT, EXIT_OK, EXIT_RUNTIME, EXIT_TERMINATED, EXIT_USAGE, Terminated, interrupt_code
+from .flags import (add_adapter_flags, add_common_flags, add_generation_flags, add_model_flags,  # noqa: F401
+                    add_retrieval_flags, adapter_kwargs, budget_value, comma_list, number, retrieval_kwargs)
+from .flags import _stop
 
 COMMANDS_GROUP = "duo.commands"     # entry points: add_parser(subparsers) of a command from another package
 
 log = logging.getLogger("duo")
 
 
-# ----------------------------------------------------------------------------- argument types
-def number(kind, what: str, lo=None, hi=None, lo_open: bool = False):
-    """An argparse type: an int or a finite float within [lo, hi] (or (lo, hi] with lo_open)."""
-    def parse(s: str):
-        try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} {what}, "
-                                             f"got {s!r}") from None
-        if v != v or v in (float("inf"), float("-inf")):
-            raise argparse.ArgumentTypeError(f"must be a finite number {what}, got {s!r}")
-        if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {s}")
-        return v
-    return parse
-
-
-def budget_value(s: str):
-    return s if s == "auto" else number(int, ">= 1 (or auto)", lo=1)(s)
-
-
-def _stop(s: str) -> str:
-    if s == "":
-        raise argparse.ArgumentTypeError("must be non-empty text (an empty stop string would stop at once)")
-    return s
-
-
-def _device(s: str) -> str:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", s):
-        raise argparse.ArgumentTypeError(f"unknown device {s!r}: use auto, cpu, cuda or cuda:N")
-    return s
-
-
-def _dtype(s: str) -> str:
-    name = PRECISION_ALIASES.get(s, s)
-    if name != "auto" and name not in PRECISIONS:
-        raise argparse.ArgumentTypeError(f"unknown dtype {s!r}: use auto, {', '.join(PRECISIONS)}")
-    return name
-
-
-def comma_list(s: str) -> list[str]:
-    items = [x.strip() for x in s.split(",") if x.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError("must be a non-empty comma-separated list")
-    return items
 
 
 # ----------------------------------------------------------------------------- parser
@@ -98,61 +55,6 @@ def _columns() -> int:
         return 100
 
 
-def add_common_flags(p) -> None:
-    """-v / -q / --debug, on every command."""
-    g = p.add_argument_group("output")
-    g.add_argument("--verbose", "-v", action="store_true", help="details on stderr (library logs included)")
-    g.add_argument("--quiet", "-q", action="store_true", help="nothing on stderr but errors")
-    g.add_argument("--debug", action="store_true", help="show a traceback on errors")
-
-
-def add_model_flags(p) -> None:
-    """--model --draft --device --dtype, on every command that loads models."""
-    g = p.add_argument_group("models")
-    g.add_argument("--model", "-m", metavar="M", help="target: alias, GGUF file or HF directory")
-    g.add_argument("--draft", "-d", metavar="D", help="draft: alias or GGUF file")
-    g.add_argument("--device", type=_device, default="auto", metavar="DEV",
-                   help="target device: auto, cpu, cuda, cuda:N (default auto)")
-    g.add_argument("--dtype", type=_dtype, default="auto", metavar="T",
-                   help="target precision: auto, float32, bfloat16, float16, int8")
-
-
-def add_retrieval_flags(p, cache_file: bool = True) -> None:
-    """--datastore --output-cache --no-cache [--output-cache-file]: candidates that cost no model (duo.retrieval)."""
-    g = p.add_argument_group("retrieval")
-    g.add_argument("--datastore", metavar="DIR", default=os.environ.get("DUO_DATASTORE"),
-                   help="draft also from this datastore (`duo datastore build`; default $DUO_DATASTORE)")
-    g.add_argument("--output-cache", type=number(int, ">= 0 (0 = off)", lo=0), default=2_000_000, metavar="N",
-                   help="draft also from up to N tokens of earlier answers (default 2000000; 0 = off)")
-    g.add_argument("--no-cache", dest="output_cache", action="store_const", const=0,
-                   help="no output cache (same as --output-cache 0)")
-    if cache_file:
-        g.add_argument("--output-cache-file", metavar="FILE",
-                       help="reload the output cache from FILE and save it there at the end")
-
-
-def retrieval_kwargs(args) -> dict:
-    """The Engine arguments of add_retrieval_flags' flags."""
-    return dict(datastore=args.datastore, output_cache=args.output_cache,
-                output_cache_file=getattr(args, "output_cache_file", None))
-
-
-def add_generation_flags(p, *, default_max: int, sampling: bool, seed_help: str = "random seed for sampling") -> None:
-    g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", "-n", type=number(int, ">= 0", lo=0), default=default_max, metavar="N",
-                   help=f"at most N new tokens (default {default_max})")
-    g.add_argument("--temperature", "-t", type=number(float, ">= 0 (0 = greedy)", lo=0), default=0.0,
-                   metavar="T", help="0 = greedy (default); > 0 samples")
-    if sampling:
-        g.add_argument("--top-p", type=number(float, "in (0, 1]", lo=0, hi=1, lo_open=True), default=1.0,
-                       metavar="P", help="nucleus sampling mass in (0, 1] (default 1)")
-        g.add_argument("--top-k", type=number(int, ">= 0 (0 = off)", lo=0), default=0, metavar="K",
-                       help="sample among the K likeliest tokens (0 = off)")
-    g.add_argument("--seed", type=number(int, ">= 0", lo=0), default=None, metavar="S", help=seed_help)
-    g.add_argument("--budget", type=budget_value, default="auto", metavar="B",
-                   help="drafted tokens per round: auto or B >= 1")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="duo", formatter_class=formatter,
                description="Speculative decoding: a llama.cpp draft on the CPU, a PyTorch target on the GPU.")
@@ -168,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(r)
     add_generation_flags(r, default_max=512, sampling=True)
     add_retrieval_flags(r)
+    add_adapter_flags(r)
     g = r.add_argument_group("run")
     g.add_argument("--stop", action="append", type=_stop, default=[], metavar="TEXT",
                    help="stop before TEXT (repeatable)")
@@ -287,7 +190,8 @@ def cmd_run(args) -> int:
     note(args, "loading models...")
     t = time.perf_counter()
     with Engine(args.model, args.draft, device=args.device, dtype=args.dtype, budget=args.budget,
-                mode=args.mode, progress=not args.quiet, profile=args.profile, **retrieval_kwargs(args)) as engine:
+                mode=args.mode, progress=not args.quiet, profile=args.profile, **retrieval_kwargs(args),
+                **adapter_kwargs(args)) as engine:
         log.info("loaded %s + %s on %s in %.1fs; plan %s", engine.target.name,
                  engine.draft_ref.name if engine.draft_ref else "no draft", engine.target.device,
                  time.perf_counter() - t, engine.plan)

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from .arguments import check_engine_args, sampling_params
-from .errors import DuoError, UsageError
+from .adaptation import Adaptation, check_adaptation_args
+from .errors import DuoError, UsageError, is_oom
 from .plan import Plan, check_mode, default_plan
 from .prompt import Messages, TextStream, encode_prompt
 from .retrieval import DEFAULT_CACHE_TOKENS, Retrieval, check_retrieval_args
@@ -65,6 +66,8 @@ class Engine:
         width, shape, lookup: tree shape options (max branches; chain | dynamic | eagle; n-gram candidates).
         datastore, output_cache, output_cache_file: retrieved candidates (duo.retrieval): a datastore
             directory (`duo datastore build`), tokens of earlier generations kept (0 = none), their file.
+        adapter, record, adapt_online: the draft's LoRA adapter ("auto": the pair's latest from `duo adapt`, a
+            path, "off"); record generations for `duo adapt`; adapt in the background (duo.adaptation).
         context: the longest prompt + answer, in tokens (capped by the target's own window).
         plan: a ready Plan (threads, cores, budget), overriding mode/budget.
         progress: show download / conversion progress on stderr.
@@ -86,17 +89,19 @@ class Engine:
                  shape: str = "dynamic", lookup: bool = True, context: int = 8192, plan: Plan | None = None,
                  progress: bool = True, target_model=None, profile: str = "saved", simulate=None,
                  datastore: str | None = None, output_cache: int = DEFAULT_CACHE_TOKENS,
-                 output_cache_file: str | None = None):
+                 output_cache_file: str | None = None, adapter: str = "auto", record: bool = False,
+                 adapt_online: bool = False):
         from . import models
         from .runtime.target import TargetError, storage_dtype
 
         self._closed, self._draft, self._draft_failed = True, None, False
-        self.retrieval = Retrieval()
+        self.retrieval, self.adaptation = Retrieval(), Adaptation()
         self._lock, self._owner = threading.Lock(), None   # the owner: thread id of the generation holding the lock
         self.draft_llama = None     # llama_probe.Verdict: the llama.cpp configuration the draft runs with
         accelerator = check_engine_args(model, draft, device, dtype, budget, mode, width, context, plan, profile,
                                   simulate, target_model)
         check_retrieval_args(datastore, output_cache, output_cache_file)
+        check_adaptation_args(adapter, record, adapt_online)
         self.plan = plan or default_plan(mode, None if budget == "auto" else budget)
         self.plan.adaptive = self.plan.adaptive and budget == "auto"
         self.plan.width = self.plan.width if width is None else width
@@ -119,6 +124,7 @@ class Engine:
         self.draft_ref = dref
         self.retrieval = Retrieval.open(datastore, output_cache, output_cache_file, len(self.target.tokenizer),
                                         tref.name)
+        self.adaptation = Adaptation.open(adapter, record, adapt_online, tref.name, dref.gguf if dref else None)
         if dref is not None:
             self._start_draft()
         self._closed = False
@@ -237,16 +243,18 @@ class Engine:
                       stats: Stats | None = None, mode: str | None = None, budget: int | None = None,
                       width: int | None = None, shape: str | None = None, lookup: bool | None = None,
                       retrieval: bool = True, remember: bool = True, logprobs: int | None = None,
-                      ) -> Iterator[tuple[list[int], str]]:
+                      model_draft: bool = True) -> Iterator[tuple[list[int], str]]:
         """Yield (committed token ids, new text) per round. The lower-level form of `stream`.
 
         Takes the arguments of `generate`, plus `stats` (a runtime.decode.Stats filled in as it goes) and
         mode/budget/width/shape/lookup, which override the plan for this call (benchmarks and the profiler
-        sweep them); retrieval=False drafts without the datastore and the output cache, remember=False keeps
+        sweep them); retrieval=False drafts without the datastore and the output cache, model_draft=False without
+        the draft model (the free sources alone: REST as its authors run it), remember=False keeps
         this answer out of the cache (a bench warm-up); logprobs=K fills stats.token_logprobs with each token's
         logprob under the target and its K likeliest. The text may be "" for a round not complete yet.
         """
         from .runtime.decode import Stats, generate_tokens
+        from .runtime.notices import warn_if_not_speculating
         from .runtime.placement import pinned, torch_threads
 
         stop = [stop] if isinstance(stop, str) else list(stop or ())
@@ -262,7 +270,7 @@ class Engine:
                                       dict(mode=mode, budget=budget, width=width, shape=shape, lookup=lookup))
             if not retrieval:
                 cfg.datastore = cfg.output_cache = None
-            cfg.logprobs = logprobs
+            cfg.logprobs, cfg.model_draft, cfg.record_top_k = logprobs, model_draft, self.adaptation.top_k
             if cfg.max_new_tokens == 0:
                 return
             try:   # SIMULATION: the recording it replays, made once per prompt (a real target: nothing to do)
@@ -270,7 +278,9 @@ class Engine:
             except ValueError as e:
                 raise UsageError(str(e)) from e
             self._ensure_draft()
-            draft = self._draft if cfg.mode != "target" else None
+            draft = self._draft if cfg.mode != "target" and model_draft else None
+            self.adaptation.before_generation(draft)
+            stats.adapter = draft.adapter if draft is not None else None
             text = TextStream(self.target.tokenizer, stop)
             produced: list[int] = []
             with pinned(self.plan.target_cores), torch_threads(self.plan.target_threads):
@@ -288,7 +298,7 @@ class Engine:
                         if tail:
                             yield [], tail
                 except (MemoryError, RuntimeError) as e:
-                    if not _is_oom(e):
+                    if not is_oom(e):
                         raise
                     raise DuoError(f"out of memory while generating on {self.target.device}: use a shorter prompt, "
                                    f"fewer new tokens or a smaller --budget") from e
@@ -297,7 +307,8 @@ class Engine:
                     if remember and produced:
                         self.retrieval.remember(ids + produced)
                     self._draft_failed = stats.fallback is not None and draft is not None
-                    _warn_if_not_speculating(stats, draft is not None)
+                    warn_if_not_speculating(stats, draft is not None)
+                    self.adaptation.after_generation(ids + produced, len(ids), stats)
 
     def stream(self, prompt: str | Messages | Sequence[int], *, max_new_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
@@ -370,6 +381,7 @@ class Engine:
         if draft is not None:
             draft.close()
         self.retrieval.close()
+        self.adaptation.close()
 
     def __enter__(self) -> "Engine":
         return self
@@ -380,20 +392,3 @@ class Engine:
     def __del__(self):
         with contextlib.suppress(Exception):
             self.close()
-
-
-def _warn_if_not_speculating(stats, had_draft: bool) -> None:
-    """One warning line when speculation fell away (the worker died, hung, failed) or was paused for most
-    of the answer (the target alone was faster on this text); the stats say the same."""
-    if not had_draft or stats.stop_reason == "interrupted":
-        return
-    if stats.fallback is not None:
-        log.warning("speculation stopped, the rest was decoded by the target alone: %s", stats.fallback)
-    elif stats.new_tokens >= 16 and stats.plain_steps > stats.new_tokens / 2:
-        log.warning("speculation paused for %d of %d tokens: the target alone was faster on this text",
-                    stats.plain_steps, stats.new_tokens)
-
-
-def _is_oom(e: BaseException) -> bool:
-    import torch
-    return isinstance(e, (MemoryError, torch.OutOfMemoryError))

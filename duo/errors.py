@@ -20,3 +20,9 @@ class UsageError(DuoError, ValueError):
 
     usage = True
     exit_code = 2
+
+
+def is_oom(e: BaseException) -> bool:
+    """An out-of-memory error from Python or torch."""
+    import torch
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError))

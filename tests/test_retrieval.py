@@ -13,7 +13,8 @@ from duo.runtime.sources.output_cache import OutputCache, OutputCacheDraft
 from duo.runtime.sources.retrieval import continuation_tree, retrieve
 from duo.runtime.tree import SOURCE_IDS, Tree
 
-from test_exactness import assert_exact_or_near_tie, cut_at_eos, reference_greedy
+from test_exactness import (assert_exact_or_near_tie, cut_at_eos, exact_two_token_distribution, null_tv_threshold,
+                            reference_greedy, total_variation)
 
 
 # ------------------------------------------------------------------------------------------ the trie
@@ -191,6 +192,14 @@ def test_a_datastore_is_drafted_from_and_accepted_losslessly(tiny_pair, referenc
     ds = st["sources"]["datastore"]
     assert ds["asked"] > 0 and ds["gained"] > 0 and ds["accepted"] > 0   # its nodes were on accepted paths
     assert st["accepted"] > 0
+    # REST as its authors run it: the datastore alone drafts (no model, no lookup), every round on its trie
+    with Engine(str(tiny_pair.target_hf_dir), str(tiny_pair.draft_gguf), device="cpu", mode="sequential",
+                budget=8, progress=False, profile="off", output_cache=0, datastore=str(tmp_path / "ds")) as e:
+        rest = e.generate(PROMPT, max_new_tokens=48, model_draft=False, lookup=False)
+    st = rest.stats
+    assert_exact_or_near_tie(rest.token_ids, ref, logits, what="datastore alone")
+    assert st["mode"] == "free" and st["fallback"] is None and set(st["sources"]) == {"datastore"}
+    assert st["free_rounds"] == st["rounds"] > 0 and st["sources"]["datastore"]["accepted"] == st["accepted"] > 0
 
 
 def test_the_output_cache_drafts_a_repeated_request_and_remember_false_keeps_out(tiny_pair, reference):
@@ -242,3 +251,31 @@ def test_seeded_sampling_with_datastore_and_cache_candidates_equals_target_alone
     assert all(g.stats["fallback"] is None for g in got)
     assert sum(g.stats["sources"].get("datastore", {}).get("accepted", 0) for g in got[:2]) > 0
     assert got[2].stats["sources"]["cache"]["accepted"] > 0
+
+
+def test_sampling_with_retrieved_candidates_is_the_targets_distribution(tiny_pair_soft, tmp_path):
+    """The datastore holds the target's likeliest two-token continuations of the prompt, counted by their
+    probability, so its trie drafts them beside the model's tree: the samples still follow the target's
+    own distribution (and the datastore's candidates are accepted)."""
+    n, temperature, top_p, prompt = 1500, 1.0, 0.95, "The answer is"
+    with Engine(str(tiny_pair_soft.target_hf_dir), str(tiny_pair_soft.draft_gguf), device="cpu", mode="sequential",
+                budget=8, progress=False, profile="off", output_cache=0) as e:
+        ids = e.encode(prompt)
+        dist = exact_two_token_distribution(e.target, ids, temperature, top_p)
+        vocab = len(e.target.tokenizer)
+    likely = sorted(dist, key=dist.get, reverse=True)[:24]
+    docs = [ids + list(pair) for pair in likely for _ in range(1 + int(200 * dist[pair]))]
+    SuffixIndex.build(docs).save(tmp_path / "ds", {"vocab_size": vocab, "model": "tiny"})
+    counts, accepted_ds = {}, 0
+    with Engine(str(tiny_pair_soft.target_hf_dir), str(tiny_pair_soft.draft_gguf), device="cpu", mode="sequential",
+                budget=8, progress=False, profile="off", output_cache=0, datastore=str(tmp_path / "ds")) as e:
+        for seed in range(n):
+            r = e.generate(prompt, max_new_tokens=3, temperature=temperature, top_p=top_p, seed=20_000 + seed)
+            key = tuple(r.token_ids[:2])
+            counts[key] = counts.get(key, 0) + 1
+            accepted_ds += r.stats["sources"].get("datastore", {}).get("accepted", 0)
+            assert r.stats["fallback"] is None
+    assert accepted_ds > 0, "no retrieved candidate was accepted: the test would not exercise retrieval"
+    threshold = null_tv_threshold(dist, n, np.random.default_rng(0))
+    tv = total_variation(counts, n, dist)
+    assert tv <= threshold, f"TV distance {tv:.4f} above the null's max {threshold:.4f}"

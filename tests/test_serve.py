@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from duo import Engine  # noqa: E402
 from duo.serve.app import create_app  # noqa: E402
+from duo.serve.metrics import Metrics  # noqa: E402
 from duo.serve.scheduler import Job, Scheduler  # noqa: E402
 from duo.serve.schemas import APIError, GenRequest  # noqa: E402
 
@@ -42,7 +43,7 @@ def test_models_health_and_metrics(client):
     for name in ("duo_requests_total", "duo_queue_length", "duo_prompt_tokens_total", "duo_generation_tokens_total",
                  "duo_time_to_first_token_seconds_bucket", "duo_spec_decode_num_drafts_total",
                  "duo_spec_decode_num_draft_tokens_total", "duo_spec_decode_num_accepted_tokens_total",
-                 "duo_spec_decode_num_accepted_tokens_per_pos_total"):
+                 "duo_spec_decode_num_accepted_tokens_per_pos_total", 'duo_generations_total{outcome="finished"}'):
         assert name in text, name
     assert 'endpoint="/v1/chat/completions",status="200"' in text
 
@@ -182,7 +183,8 @@ def test_scheduler_queue_full_timeout_cancel_and_shutdown():
         loop = asyncio.get_running_loop()
         gate = threading.Event()
         eng = FakeEngine(gate=gate)
-        s = Scheduler(eng, max_queue=2, queue_timeout_s=0.3)
+        metrics = Metrics()
+        s = Scheduler(eng, max_queue=2, queue_timeout_s=0.3, metrics=metrics)
         running, w1, w2 = (Job(_req(3), loop) for _ in range(3))
         s.submit(running)
         while not s.busy:
@@ -213,6 +215,9 @@ def test_scheduler_queue_full_timeout_cancel_and_shutdown():
         nxt = Job(_req(2), loop)
         s.submit(nxt)
         assert (await nxt.events.get())[0] == "start"
+        count = lambda outcome: metrics.registry.get_sample_value("duo_generations_total", {"outcome": outcome})  # noqa: E731
+        assert count("cancelled") == 1 and count("finished") == 1    # the cancelled one is counted, as cancelled
+        assert metrics.registry.get_sample_value("duo_generation_tokens_total") >= 3 + at
         # shutting down: a job still waiting gets an error, none is left without an answer
         eng.gate = threading.Event()
         held, waiting = Job(_req(2), loop), Job(_req(2), loop)

@@ -64,7 +64,8 @@ N_REQUESTS = 20
 HEARTBEAT = 21   # bumped by the worker after every llama_decode: a slow worker is not a hung one
 CTRL_LEN = 32
 
-CMD_NONE, CMD_PING, CMD_START, CMD_TREE, CMD_STOP = 0, 1, 2, 3, 4
+CMD_NONE, CMD_PING, CMD_START, CMD_TREE, CMD_STOP, CMD_ADAPTER = 0, 1, 2, 3, 4, 5
+# CMD_ADAPTER's tokens are the adapter file's path, one UTF-8 byte per cell (none: remove the adapter)
 STATUS_NONE, STATUS_OK, STATUS_READY, STATUS_ERROR = 0, 1, 2, 3
 ERR_NONE, ERR_LOAD, ERR_BAD_REQUEST, ERR_LLAMA, ERR_CTX_FULL, ERR_INTERNAL = 0, 1, 2, 3, 4, 5
 FLAG_OVERLAP = 1

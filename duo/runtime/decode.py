@@ -43,9 +43,11 @@ class DecodeConfig:
     mode: str = "sequential"        # overlap | sequential | target (duo.plan.MODES)
     tree: TreeSpec = field(default_factory=TreeSpec)   # the model draft's tree; its budget bounds the merged tree
     lookup: bool = True             # add prompt-lookup (n-gram) candidates to the tree
+    model_draft: bool = True        # False: draft from the free sources alone, no model (REST as its authors run it)
     datastore: object = None        # a duo.datastore.index.SuffixIndex: retrieved candidates (REST)
     output_cache: object = None     # a sources.output_cache.OutputCache: candidates from earlier generations
     logprobs: int | None = None     # record each emitted token's logprob under the target, and this many top ones
+    record_top_k: int = 0           # > 0: keep the target's top-K at every emitted token (duo adapt learns from it)
     draft_timeout_s: float = 10.0   # a round's draft taking longer means the worker hangs
     budget_range: tuple[int, int] | None = None   # adapt the budget within this range as acceptance changes
     draft_prefill_alongside: bool = False  # the draft has cores of its own: it prefills while the target does
@@ -72,7 +74,12 @@ class Stats:
     free_rounds: int = 0             # speculative rounds on the free sources' tree alone (no model draft)
     sources: dict = field(default_factory=dict)   # per candidate source: sources.ledger.SourceRecord fields
     token_logprobs: list = field(default_factory=list)   # with cfg.logprobs: (logprob, [(token, logprob)]) per token
+    target_top_k: list = field(default_factory=list)     # with cfg.record_top_k: the same, K likeliest, per token
+    rejected_at: list = field(default_factory=list)      # with cfg.record_top_k: indices of the emitted tokens
+                                                         # where the draft model's tree held another token
     pauses: int = 0                  # times speculation was paused for being slower than the target alone
+    adapter: str | None = None       # the draft's LoRA adapter file (duo adapt), None: the plain draft
+    record_s: float = 0.0            # with cfg.record_top_k: time spent taking the target's top-K (its overhead)
     fallback: str | None = None
     stop_reason: str = ""
 
@@ -88,7 +95,8 @@ class Stats:
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
-        d.pop("token_logprobs")
+        for big in ("token_logprobs", "target_top_k", "rejected_at"):
+            d.pop(big)
         d["acceptance_rate"] = self.accepted / self.drafted if self.drafted else 0.0
         d["mean_budget"] = d.pop("budget_sum") / self.rounds if self.rounds else 0.0
         # tokens per target pass after the prefill (whose token is the first): path + bonus, 1 for a plain step
@@ -111,16 +119,23 @@ def logprobs_of(tm: Target, logits, rows: list[int], tokens: list[int], top: int
     return tm.token_logprobs(logits, rows, tokens, top) if top is not None else []
 
 
+def model_rejected(tree: Tree, path: list[int]) -> bool:
+    """Did the draft model propose a child of the accepted path's end (one the target did not choose)?"""
+    end = path[-1] if path else -1
+    return bool(np.any((tree.parents == end) & (tree.source == SOURCE_IDS["model"])))
+
+
 def generate_tokens(tm: Target, draft, prompt: list[int], cfg: DecodeConfig, stats: Stats,
                     ) -> Iterator[list[int]]:
     """Yield the tokens committed by each round until EOS or max_new_tokens. `draft` (a DraftClient) may be None."""
     t0 = time.perf_counter()
-    stats.mode = cfg.mode if draft is not None else "target"
+    free_drafting = cfg.mode != "target" and not cfg.model_draft      # the free sources alone, no model
+    stats.mode = "free" if free_drafting else cfg.mode if draft is not None else "target"
     u = UniformStream(cfg.sampling.seed)
-    model = None if stats.mode == "target" else ModelDraft(
+    model = None if stats.mode in ("target", "free") else ModelDraft(
         draft, cfg.tree, overlap=cfg.mode == "overlap", timeout_s=cfg.draft_timeout_s, vocab_size=tm.vocab_size,
         budget_range=cfg.budget_range, alongside=cfg.draft_prefill_alongside, stats=stats)
-    sources = free_sources(cfg.lookup, cfg.datastore, cfg.output_cache) if model is not None else []
+    sources = free_sources(cfg.lookup, cfg.datastore, cfg.output_cache) if model is not None or free_drafting else []
     ledger = SourceLedger()
     gov = Governor()
     if model is not None and cfg.draft_prefill_alongside:   # the draft has cores of its own: prefill side by side
@@ -130,6 +145,7 @@ def generate_tokens(tm: Target, draft, prompt: list[int], cfg: DecodeConfig, sta
     logits = tm.prefill(cache, prompt)
     new = [int(tm.choose_tokens(logits, cfg.sampling, None if cfg.sampling.greedy else u.take([0]))[0])]
     new_logprobs = logprobs_of(tm, logits, [0], new, cfg.logprobs)
+    rows, new_top, rejected = [0], logprobs_of(tm, logits, [0], new, cfg.record_top_k or None), False
     stats.prefill_s = time.perf_counter() - t0
     history = list(prompt)
     budget, accepted_ema = cfg.tree.budget, cfg.tree.budget / 2
@@ -139,6 +155,9 @@ def generate_tokens(tm: Target, draft, prompt: list[int], cfg: DecodeConfig, sta
         eos_at = next((i for i, tok in enumerate(new) if tok in tm.eos_ids), None)
         new = new[:eos_at + 1 if eos_at is not None else len(new)][:cfg.max_new_tokens - n_new]
         stats.token_logprobs += new_logprobs[:len(new)]
+        stats.target_top_k += new_top[:len(new)]
+        if rejected and cfg.record_top_k and len(new) == len(rows):   # the bonus token, where the draft was wrong
+            stats.rejected_at.append(n_new + len(new) - 1)
         n_new += len(new)
         stats.new_tokens = n_new
         history.extend(new)
@@ -156,11 +175,11 @@ def generate_tokens(tm: Target, draft, prompt: list[int], cfg: DecodeConfig, sta
         t_round = time.perf_counter()
         # 1. draft: the free sources' tree, then the model's (unless the governor paused it, or, sequential,
         #    the free tree alone commits more per second), merged; budget left: extend the top path
-        speculate = model is not None and remaining > 1 and (gov.speculate() or not model.alive)
+        speculate = remaining > 1 and (free_drafting or model is not None and (gov.speculate() or not model.alive))
         free, own = propose_free(sources, ledger, history, budget) if speculate else (Tree.empty(), {})
-        free_only = speculate and model.alive and gov.speculate() and cfg.mode == "sequential" \
-            and ledger.free_is_enough(free)
-        drafting = speculate and model.alive and gov.speculate() and not free_only
+        free_only = speculate and (free_drafting or model.alive and gov.speculate() and cfg.mode == "sequential"
+                                   and ledger.free_is_enough(free))
+        drafting = speculate and not free_only and model.alive and gov.speculate()
         stats.free_rounds += free_only
         round_budget = model.round_budget(budget) if drafting else 0
         tree = model.propose(history, round_budget) if drafting else Tree.empty()
@@ -186,7 +205,12 @@ def generate_tokens(tm: Target, draft, prompt: list[int], cfg: DecodeConfig, sta
         verify_s = time.perf_counter() - t
         stats.verify_s += verify_s
         new = [int(tree.tokens[k]) for k in path] + [bonus]
-        new_logprobs = logprobs_of(tm, logits, [0] + [k + 1 for k in path], new, cfg.logprobs)   # row before each
+        rows = [0] + [k + 1 for k in path]                     # the logits row before each new token
+        new_logprobs = logprobs_of(tm, logits, rows, new, cfg.logprobs)
+        if cfg.record_top_k:   # what duo adapt learns from (timed: the recording's overhead)
+            t = time.perf_counter()
+            new_top, rejected = logprobs_of(tm, logits, rows, new, cfg.record_top_k), model_rejected(tree, path)
+            stats.record_s += time.perf_counter() - t
         stats.record_round(tree, path, round_budget)
         ledger.settle(own, tree, path, new, verify_s, free_only=free_only)
         # the next round's plan: faster than the target alone? how big a tree?

@@ -55,6 +55,7 @@ class DraftClient:
 
     # ---------------------------------------------------------------- life cycle
     def _launch(self) -> None:
+        self.adapter: str | None = None      # the LoRA adapter the worker applies (set_adapter); a new one has none
         ctx = mp.get_context("spawn")
         self._chan = Channel.create(self.cfg.n_ctx, self.cfg.max_nodes, ctx)
         self._proc = ctx.Process(target=worker_main, args=(self._chan.spec, self.cfg, os.getpid()),
@@ -169,6 +170,16 @@ class DraftClient:
             self._outstanding = self._send(ch.CMD_TREE, self._unsent, self._spec.replace(budget=0))
             self._unsent = []
         return True
+
+    def set_adapter(self, path: str | None, timeout: float = 60.0) -> None:
+        """Between generations: the worker applies the llama.cpp LoRA adapter at `path` (None: removes it);
+        it keeps running, only its KV cache is rebuilt at the next START. DraftError if llama.cpp refuses it."""
+        self._check_open()
+        data = list(os.fsencode(path)) if path is not None else []
+        deadline = self._drain(time.monotonic() + timeout, timeout)
+        rnd = self._send(ch.CMD_ADAPTER, data)
+        self._wait(rnd, deadline, timeout)
+        self.adapter = path
 
     def ping(self, timeout: float = 5.0) -> float:
         """One PING exchange; returns the round-trip seconds."""

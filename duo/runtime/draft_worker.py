@@ -3,6 +3,7 @@
     START(prompt)      prefill prompt[:-1] (reusing any KV prefix still held); overlap: draft ahead the first tree
     TREE(delta, spec)  commit delta, draft the tree ``spec`` asks for after the root (or hand over the one
                        drafted ahead, if it guessed the delta right); spec.budget 0: only keep up
+    ADAPTER(path)      apply a llama.cpp LoRA adapter (an empty path: remove it); the KV cache is cleared
     PING / STOP        a round trip / the end
 
 Overlap (PEARL-style): after answering, the worker drafts the *next* tree ahead, assuming the target
@@ -130,6 +131,12 @@ class Worker:
             self.reply(t0)
             return req.cmd == ch.CMD_STOP
         try:
+            if req.cmd == ch.CMD_ADAPTER:      # its tokens are bytes of a path, not token ids
+                self.prep, self.committed = None, []
+                self.d.set_adapter(bytes(req.tokens).decode("utf-8") if req.tokens else None)
+                chan.write_status(req.round, ch.STATUS_OK)
+                self.reply(t0)
+                return False
             if req.tokens and (min(req.tokens) < 0 or max(req.tokens) >= self.d.n_vocab):
                 raise LlamaError("token id out of range", ch.ERR_BAD_REQUEST)
             if req.spec.shape not in SHAPES:

@@ -130,13 +130,38 @@ class Drafter:
         self.batch = L.llama_batch_init(self.n_batch, 0, 1)
         self.seqs: list[list[int]] = [[] for _ in range(cfg.max_seqs)]
         self.fault = None    # duo.testing.faults.Fault (tests only)
+        self.adapter = None  # the LoRA adapter applied (llama.cpp pointer) and its path
+        self.adapter_path: str | None = None
         self.counters = np.zeros(ch.CTRL_LEN, np.int64)  # the worker points it at the channel's ctrl block
 
     def close(self) -> None:
         L = self.L
+        self.set_adapter(None)
         L.llama_batch_free(self.batch)
         L.llama_free(self.ctx)
         L.llama_model_free(self.model)
+
+    def set_adapter(self, path: str | None, scale: float = 1.0) -> None:
+        """Apply the llama.cpp LoRA adapter at `path` (None: none). The KV cache is cleared: it holds keys and
+        values computed with the weights before the swap (the next START prefills again)."""
+        L = self.L
+        if path == self.adapter_path:
+            return
+        new = None
+        if path is not None:
+            new = L.llama_adapter_lora_init(self.model, os.fsencode(path))
+            if not new:
+                raise LlamaError(f"llama.cpp could not load the adapter {path!r}{_log_tail()}", ch.ERR_BAD_REQUEST)
+        adapters = (L.llama_adapter_lora_p_ctypes * 1)(new) if new else None
+        scales = (ctypes.c_float * 1)(scale) if new else None
+        if L.llama_set_adapters_lora(self.ctx, adapters, 1 if new else 0, scales):
+            if new:
+                L.llama_adapter_lora_free(new)
+            raise LlamaError(f"llama.cpp could not apply the adapter {path!r}{_log_tail()}", ch.ERR_BAD_REQUEST)
+        if self.adapter:
+            L.llama_adapter_lora_free(self.adapter)
+        self.adapter, self.adapter_path = new, path
+        self.reset()
 
     # ---------------------------------------------------------------- KV cache
     def reset(self) -> None:

@@ -136,7 +136,6 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, max_queue
                     raise ClientGone() from None
 
     async def generate(request: Request, chat: bool):
-        t0 = time.monotonic()
         body = await read_json(request)
         req = (parse_chat if chat else parse_completion)(body, model_name, default_max_tokens)
         job = Job(req, asyncio.get_running_loop())
@@ -147,10 +146,10 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, max_queue
             return Response(status_code=499)
         if first[0] == "error":
             raise first[1]
-        n_prompt, ttft = first[1], time.monotonic() - t0
+        n_prompt = first[1]
         rid = R.new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
-            return StreamingResponse(stream(job, req, rid, n_prompt, t0, ttft), media_type="text/event-stream",
+            return StreamingResponse(stream(job, req, rid, n_prompt), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         text, ids, lps = [], [], []
         try:
@@ -161,13 +160,12 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, max_queue
         if ev[0] == "error":
             raise ev[1]
         stats = ev[1]
-        metrics.record_generation(stats, n_prompt, ttft, time.monotonic() - t0)
         logprobs = None if req.logprobs is None else (
             R.chat_logprobs(tokenizer, ids, lps) if chat else R.completion_logprobs(tokenizer, ids, lps))
         make = R.chat_completion if chat else R.text_completion
         return make(rid, model_name, "".join(text), R.finish_reason(stats), n_prompt, len(ids), logprobs, stats)
 
-    async def stream(job: Job, req, rid: str, n_prompt: int, t0: float, ttft: float):
+    async def stream(job: Job, req, rid: str, n_prompt: int):
         chat, created, n_out, offset = req.chat, int(time.time()), 0, 0
         sse = lambda obj: f"data: {json.dumps(obj)}\n\n"   # noqa: E731
         try:
@@ -180,7 +178,6 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, max_queue
                     break
                 if ev[0] == "done":
                     stats = ev[1]
-                    metrics.record_generation(stats, n_prompt, ttft, time.monotonic() - t0)
                     yield sse(R.chunk(rid, model_name, chat, created, reason=R.finish_reason(stats)))
                     if req.include_usage:
                         yield sse(R.usage_chunk(rid, model_name, chat, created, n_prompt, n_out, stats))

@@ -12,8 +12,8 @@ import sys
 import threading
 import time
 
-from ..cli import (add_common_flags, add_model_flags, add_retrieval_flags, budget_value, formatter, number,
-                   retrieval_kwargs)
+from ..cli import (add_adapter_flags, add_common_flags, add_model_flags, add_retrieval_flags, adapter_kwargs,
+                   budget_value, formatter, number, retrieval_kwargs)
 from ..errors import UsageError
 from ..exits import EXIT_OK
 
@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
                                    "on one engine; generations run one at a time from a bounded queue.")
     add_model_flags(s)
     add_retrieval_flags(s)
+    add_adapter_flags(s)
     g = s.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=number(int, "in 1..65535", lo=1, hi=65535), default=8000, metavar="N",
@@ -74,7 +75,8 @@ def cmd_serve(args) -> int:
     if args.host not in LOCAL and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", args.host)
     with Engine(args.model, args.draft, device=args.device, dtype=args.dtype, budget=args.budget,
-                progress=not args.quiet, profile=args.profile, **retrieval_kwargs(args)) as engine:
+                progress=not args.quiet, profile=args.profile, **retrieval_kwargs(args),
+                **adapter_kwargs(args)) as engine:
         app = create_app(engine, model_name=engine.target.name, api_key=args.api_key, max_queue=args.max_queue,
                          queue_timeout_s=args.queue_timeout, max_body_bytes=args.max_body,
                          default_max_tokens=args.default_max_tokens)

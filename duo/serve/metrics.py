@@ -15,6 +15,8 @@ class Metrics:
         self.requests = Counter("duo_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
         self.queue_length = Gauge("duo_queue_length", "requests waiting for the engine", registry=r)
         self.running = Gauge("duo_running", "generations running (0 or 1)", registry=r)
+        self.generations = Counter("duo_generations", "generations by outcome: finished, cancelled (the client "
+                                   "went away), rejected (bad input), error", ["outcome"], registry=r)
         self.prompt_tokens = Counter("duo_prompt_tokens", "prompt tokens processed", registry=r)
         self.generation_tokens = Counter("duo_generation_tokens", "tokens generated", registry=r)
         self.ttft = Histogram("duo_time_to_first_token_seconds", "time to the first token, queue included",
@@ -30,13 +32,17 @@ class Metrics:
         self.accepted_per_pos = Counter("duo_spec_decode_num_accepted_tokens_per_pos",
                                         "rounds whose accepted path reached this depth", ["position"], registry=r)
 
-    def record_generation(self, stats: dict, n_prompt: int, ttft_s: float, e2e_s: float) -> None:
+    def record_generation(self, outcome: str, stats: dict, n_prompt: int, ttft_s: float | None,
+                          e2e_s: float) -> None:
+        """One generation, whatever its end (times from its arrival in the queue; ttft_s None: no token)."""
         n = stats.get("new_tokens", 0)
+        self.generations.labels(outcome=outcome).inc()
         self.prompt_tokens.inc(n_prompt)
         self.generation_tokens.inc(n)
-        self.ttft.observe(ttft_s)
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s)
         self.e2e.observe(e2e_s)
-        if n > 1:
+        if n > 1 and ttft_s is not None:
             self.tpot.observe(max(0.0, e2e_s - ttft_s) / (n - 1))
         rounds = stats.get("rounds", 0)
         if stats.get("drafted"):

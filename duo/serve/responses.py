@@ -10,7 +10,7 @@ import time
 import uuid
 
 DUO_STATS = ("mode", "acceptance_rate", "mean_accepted_len", "drafted", "accepted", "rounds", "fallback",
-             "tokens_per_s", "ttft_s", "wall_s", "free_rounds", "plain_steps")
+             "tokens_per_s", "ttft_s", "wall_s", "engine_s", "free_rounds", "plain_steps")
 
 
 def new_id(prefix: str) -> str:

@@ -5,12 +5,14 @@
                   others through Engine.stream_tokens, putting events on the job's asyncio queue:
                     ("start", n_prompt_tokens)   the prompt is accepted (first round under way)
                     ("delta", ids, text, logprobs)   a round's committed tokens and their text
-                    ("done", stats)              finished (stats: Stats.as_dict())
+                    ("done", stats)              finished (stats: Stats.as_dict() + engine_s, the whole engine call:
+                                                 encoding, prefill, rounds, indexing the answer)
                     ("error", APIError)          nothing more comes
     cancel        job.cancel.set() (a client that went away): the generation stops after the round
                   under way, and the engine is free for the next job
 
-Nothing is lost: every job submitted gets "done" or "error", also when the server shuts down.
+Nothing is lost: every job submitted gets "done" or "error", also when the server shuts down. The worker
+records every generation in the metrics, finished, cancelled or failed, with its times from the queue.
 """
 from __future__ import annotations
 
@@ -116,9 +118,11 @@ class Scheduler:
 
     def _run(self, job: Job) -> None:
         from ..runtime.decode import Stats
-        r, stats = job.req, Stats()
+        r, stats, t0 = job.req, Stats(), time.perf_counter()
+        n_prompt, first_at, outcome = 0, None, "error"
         try:
             ids = self.engine.encode(r.prompt, chat=True if r.chat else False)
+            n_prompt = len(ids)
             gen = self.engine.stream_tokens(ids, max_new_tokens=r.max_tokens, temperature=r.temperature,
                                             top_p=r.top_p, top_k=r.top_k, seed=r.seed, stop=r.stop, stats=stats,
                                             logprobs=r.logprobs)
@@ -126,8 +130,8 @@ class Scheduler:
             try:
                 for new, text in gen:
                     if not started:
-                        job.put(("start", len(ids)))
-                        started = True
+                        job.put(("start", n_prompt))
+                        started, first_at = True, time.monotonic()
                     lps = stats.token_logprobs[given:given + len(new)]
                     given += len(new)
                     job.put(("delta", new, text, lps))
@@ -137,11 +141,15 @@ class Scheduler:
             finally:
                 gen.close()
             if not started:
-                job.put(("start", len(ids)))
-            job.put(("done", stats.as_dict()))
+                job.put(("start", n_prompt))
+            done = stats.as_dict()
+            done["engine_s"] = time.perf_counter() - t0
+            outcome = "cancelled" if stats.stop_reason == "cancelled" else "finished"
+            job.put(("done", done))
         except UsageError as e:
             msg = str(e)
             code = "context_length_exceeded" if "context window" in msg else "invalid_value"
+            outcome = "rejected"
             job.put(("error", APIError(400, msg, code=code)))
         except DuoError as e:
             job.put(("error", APIError(500, str(e), type="server_error", code="generation_failed")))
@@ -149,3 +157,9 @@ class Scheduler:
             log.exception("generation failed")
             job.put(("error", APIError(500, f"the generation failed ({type(e).__name__}); see the server log",
                                        type="server_error", code="internal_error")))
+        finally:
+            if self.metrics is not None:
+                now = time.monotonic()
+                self.metrics.record_generation(outcome, stats.as_dict(), n_prompt,
+                                               ttft_s=None if first_at is None else first_at - job.queued_at,
+                                               e2e_s=now - job.queued_at)

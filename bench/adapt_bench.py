@@ -1,0 +1,147 @@
+"""The draft adapts to its target (issue 19), measured: record on a train split, `duo adapt`, then the held-out
+prompts of the same dataset before and after, side by side in one run, on one engine (the target untouched).
+
+    python -m bench.adapt_bench --dataset gsm8k,mt-bench [--train 100] [--test 20] [-n 128] [--seed 0]
+                                [--dtype bfloat16] [--max-minutes 20] [--json PATH]
+
+Per dataset: the prompts shuffled by --seed, the first --test held out, the next --train recorded (greedy,
+duo's own decoding, the target's top-10 kept) into a buffer of this run's own (never the user's pair
+buffer), an adapter trained on it, and the held-out prompts decoded with the plain draft and with the
+adapter. Reported: P(depth >= d), mean accepted length, acceptance, tok/s before/after, the training's
+time and memory, the recording overhead (its share of the recorded generations' time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def depth_share(samples, d: int) -> float:
+    """P(depth >= d): the share of speculative rounds whose accepted path reached depth d."""
+    rounds = sum(s.stats["rounds"] - s.stats.get("plain_steps", 0) for s in samples)
+    reached = sum(round(s.stats["accepted_per_position"][d - 1] * s.stats["rounds"]) for s in samples
+                  if len(s.stats["accepted_per_position"]) >= d)
+    return reached / rounds if rounds else 0.0
+
+
+def summarise(samples) -> dict:
+    toks = sum(len(s.tokens) for s in samples)
+    wall = sum(s.wall_s for s in samples)
+    drafted = sum(s.stats["drafted"] for s in samples)
+    return {"tokens_per_s": toks / wall if wall else 0.0, "tokens": toks, "wall_s": wall,
+            "acceptance": sum(s.stats["accepted"] for s in samples) / drafted if drafted else 0.0,
+            "mean_accepted_len": float(np.mean([s.stats["mean_accepted_len"] for s in samples])),
+            "p_depth": [depth_share(samples, d) for d in range(1, 6)]}
+
+
+def run_dataset(engine, name: str, args, work: Path, log) -> dict:
+    from duo.adapt.buffer import RecordBuffer
+    from duo.adapt.job import adapt_pair
+    from duo.adapt.train import AdaptConfig
+
+    from . import datasets as ds
+    from .methods import duo_sample
+
+    prompts = ds.load(name, args.test + args.train, seed=args.seed)
+    test, train = prompts[:args.test], prompts[args.test:]
+    enc = lambda ps: [engine.encode(p.messages) for p in ps]   # noqa: E731
+    test_ids, train_ids = enc(test), enc(train)
+    log(f"{name}: {len(train_ids)} prompts recorded, {len(test_ids)} held out")
+
+    def decode(ids_list, what):
+        out = []
+        for i, ids in enumerate(ids_list):
+            out.append(duo_sample(engine, ids, args.max_new, retrieval=False, remember=False))
+            log(f"  {what} {i + 1}/{len(ids_list)}: {out[-1].stats['tokens_per_s']:.2f} tok/s")
+        return out
+
+    engine.adaptation.adapter = "off"
+    duo_sample(engine, test_ids[0], 16, retrieval=False, remember=False)          # warm-up
+    before = decode(test_ids, "before")
+    pair = work / name
+    engine.adaptation.buffer = RecordBuffer(pair)                                  # this run's own buffer
+    t0 = time.perf_counter()
+    recorded = decode(train_ids, "recording")
+    record_wall = time.perf_counter() - t0
+    engine.adaptation.buffer = None
+    record_s = sum(s.stats["record_s"] for s in recorded)
+    rounds = sum(s.stats["rounds"] for s in recorded)
+    cfg = AdaptConfig(max_minutes=args.max_minutes, epochs=args.epochs, seed=args.seed)
+    result, path = adapt_pair(pair, engine.draft_ref.gguf, cfg, progress=sys.stderr.isatty())
+    log(f"  adapt: {result.summary()}")
+    after = None
+    if path is not None:
+        engine.adaptation.adapter = str(path)
+        duo_sample(engine, test_ids[0], 16, retrieval=False, remember=False)      # warm-up, adapter on
+        after = decode(test_ids, "after")
+        engine.adaptation.adapter = "off"
+    exact = after is None or all(a.tokens == b.tokens for a, b in zip(before, after))
+    return {"dataset": name, "train_prompts": len(train_ids), "test_prompts": len(test_ids),
+            "before": summarise(before), "after": summarise(after) if after else None, "same_tokens": exact,
+            "adapt": result.summary(), "adapter": str(path) if path else None,
+            "adapter_bytes": path.stat().st_size if path else 0,
+            "recording": {"record_s": record_s, "rounds": rounds, "wall_s": record_wall,
+                          "ms_per_round": 1e3 * record_s / max(1, rounds),
+                          "share_of_time": record_s / sum(s.wall_s for s in recorded)}}
+
+
+def report(rows: list[dict]) -> str:
+    out = ["| dataset | | tok/s | mean accepted len | acceptance | P(d>=1) | P(d>=2) | P(d>=3) | P(d>=4) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for when in ("before", "after"):
+            s = r[when]
+            if s is None:
+                out.append(f"| {r['dataset']} | after | (adapter not kept) | | | | | | |")
+                continue
+            out.append(f"| {r['dataset']} | {when} | {s['tokens_per_s']:.2f} | {s['mean_accepted_len']:.2f} | "
+                       f"{s['acceptance']:.2f} | " + " | ".join(f"{p:.2f}" for p in s["p_depth"][:4]) + " |")
+        a, rec = r["adapt"], r["recording"]
+        gain = (r["after"]["tokens_per_s"] / r["before"]["tokens_per_s"]) if r["after"] else float("nan")
+        out.append("")
+        out.append(f"{r['dataset']}: speed after/before {gain:.3f}x, same tokens {r['same_tokens']}; training "
+                   f"{a['steps']} steps on {a['train_records']} records ({a['train_tokens']} tokens), loss "
+                   f"{a['loss_first']:.3f} -> {a['loss_last']:.3f}, {a['wall_s']:.0f} s, peak memory "
+                   f"{a['peak_rss_mib'] / 1024:.2f} GiB; agreement {a['agreement_before']:.3f} -> "
+                   f"{a['agreement_after']:.3f} (held-out records); adapter {r['adapter_bytes'] / 2**20:.1f} MiB; "
+                   f"recording {rec['ms_per_round']:.2f} ms per round = {100 * rec['share_of_time']:.2f}% of the time")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    from duo import Engine
+
+    ap = argparse.ArgumentParser(prog="python -m bench.adapt_bench")
+    ap.add_argument("--dataset", default="gsm8k,mt-bench")
+    ap.add_argument("--train", type=int, default=100)
+    ap.add_argument("--test", type=int, default=20)
+    ap.add_argument("-n", "--max-new", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--max-minutes", type=float, default=20.0)
+    ap.add_argument("--model")
+    ap.add_argument("--draft")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args(argv)
+    log = lambda m: print(m, file=sys.stderr, flush=True)   # noqa: E731
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="duo-adapt-bench-") as work, \
+            Engine(args.model, args.draft, dtype=args.dtype, progress=True, output_cache=0, adapter="off") as engine:
+        for name in args.dataset.split(","):
+            rows.append(run_dataset(engine, name, args, Path(work), log))
+            if args.json:
+                Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(report(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

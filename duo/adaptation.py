@@ -1,0 +1,87 @@
+"""The Engine's side of draft adaptation (duo/adapt/): recording each generation into the pair's buffer,
+the LoRA adapter its draft worker applies, and the background adaptation of online mode.
+
+    adapter   "auto": the pair's latest accepted adapter, looked up again before every generation (a new
+              one from `duo adapt` or online mode is swapped in at the next generation); a path; "off"
+    record    each generation's tokens, the target's top-K per token and the draft's rejections, appended
+              to <cache>/adapt/<pair>/records (duo/adapt/buffer.py)
+    online    with record: a background `duo adapt` whenever enough new records came in, run while the
+              engine is idle and paused (SIGSTOP) while a generation runs (duo/adapt/online.py)
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UsageError
+
+log = logging.getLogger("duo")
+
+
+def check_adaptation_args(adapter, record, online) -> None:
+    from .adapt.store import check_adapter_arg
+    check_adapter_arg(adapter)
+    for name, v in (("record", record), ("adapt_online", online)):
+        if not isinstance(v, bool):
+            raise UsageError(f"{name} must be True or False, got {v!r}")
+    if online and not record:
+        raise UsageError("adapt_online learns from recorded generations: also pass record=True (--record)")
+
+
+@dataclass
+class Adaptation:
+    adapter: str = "off"            # auto | PATH | off
+    pair: Path | None = None        # <cache>/adapt/<pair> (None: no draft)
+    draft_gguf: Path | None = None
+    buffer: object = None           # adapt.buffer.RecordBuffer when recording
+    online: object = None           # adapt.online.OnlineAdapter in online mode
+
+    @classmethod
+    def open(cls, adapter: str, record: bool, online: bool, target_name: str, draft_gguf: Path | None,
+             draft_name: str | None = None, progress: bool = False) -> "Adaptation":
+        from .adapt import store
+        from .adapt.buffer import RecordBuffer, pair_dir
+        if draft_gguf is None:
+            return cls(adapter=str(adapter))
+        pair = pair_dir(target_name, draft_gguf)
+        store.resolve(adapter, pair, draft_gguf)      # a bad PATH is refused now, before anything runs
+        a = cls(adapter=str(adapter), pair=pair, draft_gguf=Path(draft_gguf),
+                buffer=RecordBuffer(pair) if record else None)
+        if online:
+            from .adapt.online import OnlineAdapter
+            a.online = OnlineAdapter(pair, target_name, draft_gguf)
+        return a
+
+    @property
+    def top_k(self) -> int:
+        from .adapt.buffer import TOP_K
+        return TOP_K if self.buffer is not None else 0
+
+    def before_generation(self, draft) -> None:
+        """Pause any background training; give the worker the adapter wanted now (a swap only on change)."""
+        from .adapt import store
+        if self.online is not None:
+            self.online.pause()
+        if draft is None or self.pair is None:
+            return
+        want = store.resolve(self.adapter, self.pair, self.draft_gguf)
+        want = str(want) if want is not None else None
+        if want != draft.adapter:
+            try:
+                draft.set_adapter(want)
+                log.info("draft adapter: %s", want or "none")
+            except Exception as e:  # noqa: BLE001 - the draft only loses speed; said once, plainly
+                log.warning("the draft worker could not apply the adapter %s (%s): drafting without it", want, e)
+
+    def after_generation(self, tokens: list[int], n_prompt: int, stats) -> None:
+        """Record the generation (when recording) and let online mode train while the engine is idle."""
+        if self.buffer is not None and len(tokens) > n_prompt and stats.target_top_k:
+            self.buffer.append(tokens, n_prompt, stats.target_top_k, stats.rejected_at)
+        if self.online is not None:
+            self.online.resume()
+
+    def close(self) -> None:
+        if self.online is not None:
+            self.online.close()
+            self.online = None

@@ -27,6 +27,9 @@ def check_adaptation_args(adapter, record, online) -> None:
             raise UsageError(f"{name} must be True or False, got {v!r}")
     if online and not record:
         raise UsageError("adapt_online learns from recorded generations: also pass record=True (--record)")
+    if online and str(adapter) != "auto":
+        raise UsageError(f"adapt_online swaps in the adapters it trains: use adapter='auto' (--adapter auto), not "
+                         f"{adapter!r}")
 
 
 @dataclass

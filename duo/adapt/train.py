@@ -19,7 +19,7 @@ import math
 import random
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,7 @@ class AdaptConfig:
     rejected_weight: float = 3.0  # OSD: the positions the draft got wrong weigh this much
     max_minutes: float = 20.0     # training stops here (then evaluates what it has)
     threads: int | None = None    # torch threads (None: all cores)
-    bf16: bool = True             # bfloat16 autocast for the frozen weights' matmuls (CPU and GPU)
+    bf16: bool | None = None      # bfloat16 autocast for the matmuls; None: where the hardware has it natively
     checkpoint_every: int = 20
     seed: int = 0
 
@@ -68,6 +68,19 @@ class AdaptResult:
         d = asdict(self)
         d.pop("lora")
         return d
+
+
+def native_bf16(device) -> bool:
+    """bfloat16 matmuls in hardware: a GPU that has them (not emulated), or a CPU with AVX512-BF16 / AMX-BF16
+    (elsewhere torch emulates them, slower than float32)."""
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def load_draft_torch(draft_gguf: Path, device: str = "cpu", progress: bool = False):
@@ -160,6 +173,8 @@ def train_adapter(draft_gguf: Path, train: list[Record], test: list[Record], cfg
     device = torch.device("cpu")
     base = model if model is not None else load_draft_torch(draft_gguf)
     device = next(base.parameters()).device
+    if cfg.bf16 is None:
+        cfg = replace(cfg, bf16=native_bf16(device))
     peft_model = get_peft_model(base, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, bias="none",
                                                  target_modules=list(TARGET_MODULES)))
     with peft_model.disable_adapter():

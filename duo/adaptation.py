@@ -42,7 +42,7 @@ class Adaptation:
 
     @classmethod
     def open(cls, adapter: str, record: bool, online: bool, target_name: str, draft_gguf: Path | None,
-             draft_name: str | None = None, progress: bool = False) -> "Adaptation":
+             ) -> "Adaptation":
         from .adapt import store
         from .adapt.buffer import RecordBuffer, pair_dir
         if draft_gguf is None:
@@ -53,7 +53,7 @@ class Adaptation:
                 buffer=RecordBuffer(pair) if record else None)
         if online:
             from .adapt.online import OnlineAdapter
-            a.online = OnlineAdapter(pair, target_name, draft_gguf)
+            a.online = OnlineAdapter(pair, draft_gguf)
         return a
 
     @property
@@ -79,7 +79,7 @@ class Adaptation:
 
     def after_generation(self, tokens: list[int], n_prompt: int, stats) -> None:
         """Record the generation (when recording) and let online mode train while the engine is idle."""
-        if self.buffer is not None and len(tokens) > n_prompt and stats.target_top_k:
+        if self.buffer is not None:     # (nothing is written for an empty answer)
             self.buffer.append(tokens, n_prompt, stats.target_top_k, stats.rejected_at)
         if self.online is not None:
             self.online.resume()

@@ -26,7 +26,7 @@ EVERY = 20     # new recorded generations that start a run
 
 
 class OnlineAdapter:
-    def __init__(self, pair: Path, target_name: str, draft_gguf: Path, every: int = EVERY,
+    def __init__(self, pair: Path, draft_gguf: Path, every: int = EVERY,
                  max_minutes: float = 20.0):
         self.pair, self.draft_gguf, self.every, self.max_minutes = Path(pair), Path(draft_gguf), every, max_minutes
         self.buffer = RecordBuffer(self.pair)

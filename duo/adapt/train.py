@@ -170,7 +170,6 @@ def train_adapter(draft_gguf: Path, train: list[Record], test: list[Record], cfg
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    device = torch.device("cpu")
     base = model if model is not None else load_draft_torch(draft_gguf)
     device = next(base.parameters()).device
     if cfg.bf16 is None:

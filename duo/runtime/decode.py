@@ -156,7 +156,7 @@ def generate_tokens(tm: Target, draft, prompt: list[int], cfg: DecodeConfig, sta
         new = new[:eos_at + 1 if eos_at is not None else len(new)][:cfg.max_new_tokens - n_new]
         stats.token_logprobs += new_logprobs[:len(new)]
         stats.target_top_k += new_top[:len(new)]
-        if rejected and cfg.record_top_k and len(new) == len(rows):   # the bonus token, where the draft was wrong
+        if rejected and len(new) == len(rows):   # the bonus token, where the draft was wrong
             stats.rejected_at.append(n_new + len(new) - 1)
         n_new += len(new)
         stats.new_tokens = n_new

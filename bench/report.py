@@ -70,15 +70,18 @@ def summarize(dataset: str, method: str, samples: list[Sample], ref: list[Sample
 
 
 def exact_cell(r: Row) -> str:
-    """yes / near-ties (n): every divergence a proven near-tie / NO (n)."""
+    """yes (token for token) / near-ties (n): every divergence a proven near-tie / NO (n); with the largest
+    near-tie gap, or the smallest gap of the divergences that are not near-ties, where they were checked."""
     if r.exact is None:
         return "-"
     if r.exact:
         return "yes"
     checked = r.extra.get("divergences", [])
     if len(checked) == len(r.mismatches) and all(x["near_tie"] for x in checked):
-        return f"near-ties ({len(checked)})"
-    return f"NO ({len(r.mismatches)})"
+        gaps = [x["gap"] for x in checked if "gap" in x]
+        return f"near-ties ({len(checked)}" + (f", gap <= {max(gaps):.2g})" if gaps else ")")
+    gaps = [x["gap"] for x in checked if not x["near_tie"] and "gap" in x]
+    return f"NO ({len(r.mismatches)}" + (f", gap {min(gaps):.2g})" if gaps else ")")
 
 
 def sum_sources(stats: list[dict]) -> dict:
@@ -124,7 +127,8 @@ def markdown(rows: list[Row]) -> str:
               f"budget starting at N", ""] if sim else [])
     precision = next((r.extra["precision"] for r in rows if r.extra.get("precision")), None)
     if precision:
-        lines += [f"Target precision: {precision} (the target row and every duo row; exact = equal to that target)", ""]
+        lines += [f"Target precision: {precision} (the target row and every duo row; exact: yes = token for token that "
+                  f"target's greedy output, near-ties (n) = parting from it only at proven near-ties)", ""]
     lines += [head, "|" + "---|" * head.count(" |")]
     for r in rows:
         line = (f"| {r.dataset} | {r.method} | {r.prompts} | {r.new_tokens} | {r.tokens_per_s:.2f} | "

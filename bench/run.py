@@ -22,7 +22,7 @@ from duo.errors import UsageError
 
 from . import datasets as ds
 from .methods import DUO_MODES, METHODS, PEER_METHODS, SIMULATED_METHODS, Sample, Shared, parse_method, runner
-from .report import Row, plan_extra, simulation_extra, summarize
+from .report import Row, exact_cell, plan_extra, simulation_extra, summarize
 
 
 @dataclass
@@ -136,7 +136,7 @@ def build_engines(cfg: BenchConfig, methods: list[str], prompts: dict, shared: S
     shared.engines as they load, so that a failure closes those already running). Under a simulated
     accelerator the target's output is recorded first; returns the simulation's cost model then."""
     base = Engine(cfg.model, cfg.draft, device=cfg.device, dtype=cfg.dtype, mode="target", progress=False,
-                  simulate=accel)
+                  simulate=accel, compile=(cfg.engine_kw or {}).get("compile", "auto"))
     shared.engines["target"] = base
     shared.target = base.target.target if accel else base.target   # the real target, loaded once
     sim = Simulation(accel, record_simulation(cfg, prompts, base, accel, log)) if accel else None
@@ -240,7 +240,7 @@ def run_dataset(cfg: BenchConfig, d: str, plist: list, methods: list[str], share
             row.extra["precision"] = shared.target.precision
         rows.append(row)
         log(f"{d:10} {m:17} {row.tokens_per_s:6.2f} tok/s  accepted/pass {row.mean_accepted_len:.2f}"
-            + ("" if row.exact is None else f"  exact={row.exact}")
+            + ("" if row.exact is None else f"  exact: {exact_cell(row)}")
             + (f"  SIMULATED {sim.accel.name}: efficiency {row.extra.get('efficiency', 0):.0%}, plan "
                f"{row.extra.get('plan')}" if sim else ""))
     set_speedups(rows, d)

@@ -70,13 +70,16 @@ def sampling_params(temperature, top_p, top_k, seed):
         raise UsageError(str(e)) from e
 
 
-def check_engine_args(model, draft, device, dtype, budget, mode, width, context, plan, profile, simulate, target_model):
+def check_engine_args(model, draft, device, dtype, budget, mode, width, context, plan, profile, simulate, target_model,
+                      compile="auto"):
     """UsageErrors for arguments that cannot work, before anything is downloaded or loaded; returns the
     simulated accelerator (None: a real target)."""
     from . import models
     from .runtime.target import TargetError, resolve_device, resolve_dtype
 
     check_mode(mode)
+    if compile not in ("auto", "on", "off"):
+        raise UsageError(f"unknown compile setting {compile!r}: use auto, on or off")
     if budget != "auto":
         check_int(budget, "budget", 1, " (or 'auto')")
     if width is not None:

@@ -23,6 +23,7 @@ def stats_line(st: dict) -> str:
             f"mode {st.get('mode')}"
             + (f"  accepted from {', '.join(f'{k} {v}' for k, v in sources.items())}" if sources else "")
             + (f"  draft adapter {Path(st['adapter']).name}" if st.get("adapter") else "")
+            + (f"  verify {st['verify']}" if st.get("verify", "eager") != "eager" else "")
             + (f"  fallback: {st['fallback']}" if st.get("fallback") else ""))
 
 

@@ -190,8 +190,8 @@ def cmd_run(args) -> int:
     note(args, "loading models...")
     t = time.perf_counter()
     with Engine(args.model, args.draft, device=args.device, dtype=args.dtype, budget=args.budget,
-                mode=args.mode, progress=not args.quiet, profile=args.profile, **retrieval_kwargs(args),
-                **adapter_kwargs(args)) as engine:
+                mode=args.mode, progress=not args.quiet, profile=args.profile, compile=args.compile,
+                **retrieval_kwargs(args), **adapter_kwargs(args)) as engine:
         log.info("loaded %s + %s on %s in %.1fs; plan %s", engine.target.name,
                  engine.draft_ref.name if engine.draft_ref else "no draft", engine.target.device,
                  time.perf_counter() - t, engine.plan)

@@ -78,6 +78,7 @@ class Engine:
             JSON file): the target answers from a recording of its own greedy output, taking the
             accelerator's time per pass, while the draft runs for real with every core (greedy only;
             see duo.runtime.simulate).
+        compile: the static, compiled verify pass (runtime/static_target.py): "auto" (on a GPU), "on" or "off".
 
     Raises UsageError for bad arguments (a missing model file, a draft that is not GGUF, a draft and a target
     with different vocabularies, a CUDA device without a GPU, ...) and DuoError when loading fails (out of
@@ -90,8 +91,9 @@ class Engine:
                  progress: bool = True, target_model=None, profile: str = "saved", simulate=None,
                  datastore: str | None = None, output_cache: int = DEFAULT_CACHE_TOKENS,
                  output_cache_file: str | None = None, adapter: str = "auto", record: bool = False,
-                 adapt_online: bool = False):
+                 adapt_online: bool = False, compile: str = "auto"):
         from . import models
+        from .runtime.static_target import with_static_verify
         from .runtime.target import TargetError, storage_dtype
 
         self._closed, self._draft, self._draft_failed = True, None, False
@@ -99,10 +101,10 @@ class Engine:
         self._lock, self._owner = threading.Lock(), None   # the owner: thread id of the generation holding the lock
         self.draft_llama = None     # llama_probe.Verdict: the llama.cpp configuration the draft runs with
         accelerator = check_engine_args(model, draft, device, dtype, budget, mode, width, context, plan, profile,
-                                  simulate, target_model)
+                                  simulate, target_model, compile)
         check_retrieval_args(datastore, output_cache, output_cache_file)
         check_adaptation_args(adapter, record, adapt_online)
-        self.plan = plan or default_plan(mode, None if budget == "auto" else budget)
+        self.plan = plan or default_plan(mode, None if budget == "auto" else budget, getattr(target_model, "device", device))
         self.plan.adaptive = self.plan.adaptive and budget == "auto"
         self.plan.width = self.plan.width if width is None else width
         self.plan.shape, self.lookup = shape, lookup
@@ -116,6 +118,8 @@ class Engine:
             if plan is None and dref is not None and "auto" in (mode, budget) and profile != "off":
                 self._use_profile(planner, tref, dref, device, dtype, mode, budget, quick=profile == "auto",
                                   progress=progress)
+            self.target = with_static_verify(self.target, compile, min(context, self.target.max_context),
+                                             max(64, 2 * self.plan.budget), progress)   # the draft's max_nodes
         except models.VocabMismatchError as e:
             raise UsageError(str(e)) from e
         except (models.ModelError, TargetError) as e:
@@ -264,6 +268,7 @@ class Engine:
             raise UsageError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         sampling = sampling_params(temperature, top_p, top_k, seed)
         stats = stats if stats is not None else Stats()
+        stats.verify = getattr(self.target, "verify", "eager")
         with self._exclusive():
             ids = self.encode(prompt, system=system, chat=chat)
             cfg = self._decode_config(max_new_tokens, sampling, len(ids),
@@ -335,9 +340,9 @@ class Engine:
         prompt: text (in the target's chat template, if it has one, unless chat=False), a list of chat
             messages [{"role": "user", "content": ...}, ...], or token ids.
         max_new_tokens: at most this many new tokens (also bounded by the context window).
-        temperature: 0 = greedy (the target's own greedy output, token for token); > 0 samples.
+        temperature: 0 = greedy, the target's own output (fp32: token for token; else up to near-ties); > 0 samples.
         top_p: nucleus mass in (0, 1]; top_k: sample among the k most likely tokens (0 = all).
-        seed: with a seed, sampling is reproducible (and equal to the target's sampling alone).
+        seed: with a seed, sampling is reproducible; the tokens follow the target's own distribution.
         stop: text (or texts) that ends the answer; it is not included.
         system: a system message. chat: force (True) or skip (False) the chat template for text.
 

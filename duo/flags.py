@@ -39,8 +39,8 @@ def _stop(s: str) -> str:
 
 
 def _device(s: str) -> str:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", s):
-        raise argparse.ArgumentTypeError(f"unknown device {s!r}: use auto, cpu, cuda or cuda:N")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|cuda:\d+(,(cuda:)?\d+)+", s):
+        raise argparse.ArgumentTypeError(f"unknown device {s!r}: use auto, cpu, cuda, cuda:N or cuda:N,M")
     return s
 
 
@@ -67,14 +67,16 @@ def add_common_flags(p) -> None:
 
 
 def add_model_flags(p) -> None:
-    """--model --draft --device --dtype, on every command that loads models."""
+    """--model --draft --device --dtype --compile, on every command that loads models."""
     g = p.add_argument_group("models")
     g.add_argument("--model", "-m", metavar="M", help="target: alias, GGUF file or HF directory")
     g.add_argument("--draft", "-d", metavar="D", help="draft: alias or GGUF file")
     g.add_argument("--device", type=_device, default="auto", metavar="DEV",
-                   help="target device: auto, cpu, cuda, cuda:N (default auto)")
+                   help="target device: auto, cpu, cuda, cuda:N, or cuda:N,M,... (one target spread over those GPUs); default auto")
     g.add_argument("--dtype", type=_dtype, default="auto", metavar="T",
                    help="target precision: auto, float32, bfloat16, float16, int8")
+    g.add_argument("--compile", choices=["auto", "on", "off"], default="auto", metavar="C",
+                   help="verify on a static KV cache with torch.compile (CUDA graphs): auto (= on a GPU), on, off")
 
 
 def add_retrieval_flags(p, cache_file: bool = True) -> None:

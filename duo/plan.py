@@ -85,12 +85,26 @@ def check_mode(mode: str, allow_auto: bool = True) -> str:
     return mode
 
 
-def default_plan(mode: str, budget: int | None) -> Plan:
-    """Without a saved profile: split the cores for overlap, share them for the sequential schedule."""
+def on_gpu(device) -> bool:
+    """Does the target run on a GPU? `device`: "cpu", "cuda", "cuda:N" or "auto" (a GPU if torch sees one)."""
+    d = str(device)
+    if d == "auto":
+        import torch   # only here: the draft worker imports this module without torch
+        return torch.cuda.is_available()
+    return d.startswith("cuda")
+
+
+def default_plan(mode: str, budget: int | None, device="cpu") -> Plan:
+    """Without a saved profile. On a GPU target the schedule overlaps: the target's host thread keeps the first
+    core, the draft has the others. On the CPU: sequential, sharing the cores; an asked-for overlap splits them."""
     cores = sorted(os.sched_getaffinity(0))
-    mode = "sequential" if mode == "auto" else mode
+    gpu = mode != "target" and on_gpu(device)
+    mode = ("overlap" if gpu else "sequential") if mode == "auto" else mode
     plan = Plan(mode=mode, budget=budget or 16)
-    if mode == "overlap" and len(cores) >= 2:
+    if gpu and mode == "overlap":   # the GPU computes; its host thread needs about one core
+        plan.target_cores, plan.draft_cores = cores[:1], cores[1:] or cores
+        plan.target_threads, plan.draft_threads = 1, len(plan.draft_cores)
+    elif mode == "overlap" and len(cores) >= 2:
         n_draft = max(1, len(cores) // 4) if len(cores) >= 8 else 1
         plan.draft_cores, plan.target_cores = cores[-n_draft:], cores[:-n_draft]
         plan.draft_threads, plan.target_threads = n_draft, len(cores) - n_draft

@@ -5,8 +5,9 @@ keyed by the seed. The target's token at t is a deterministic function of its
 logits and u[t] (argmax when greedy, inverse CDF otherwise). Verification then
 only asks "is the target's own choice at this node one of the node's drafted
 children?", so a seeded speculative run emits exactly the tokens the target
-alone would have sampled with the same seed, and the output distribution is
-the target's by construction, whatever the draft proposed.
+alone would have sampled with the same seed (in float32; in lower precisions,
+up to near-ties where a many-row pass rounds a logit differently), and the
+output distribution is the target's by construction, whatever the draft proposed.
 """
 from __future__ import annotations
 

@@ -4,8 +4,9 @@ with the threads and cores of a `Layout`.
 Each timing is repeated until stable (median, min, max over the repetitions; duo.profiler.timing.measure):
 
 * target: ms of one verification pass over n = 1, 2, 4 ... 64 new tokens (forward_tree over a chain on
-  a prefilled cache, argmax and cache compaction included) at a couple of context lengths and at the
-  thread counts the schedules use; plus the extra cost of a branched tree mask;
+  a prefilled cache, argmax and cache compaction included) at a couple of context lengths (on a GPU up
+  to 8192: `measured_contexts`) and at the thread counts the schedules use; plus the extra cost of a
+  branched tree mask;
 * draft: ms per llama.cpp decode step by thread count and batch width (1, 2, 4 sequences), in a
   spawned process pinned to the cores the worker would get (the last `threads` cores);
 * interference: both at once (draft process spinning on its cores, target on the others), the
@@ -18,6 +19,7 @@ Module level imports stay light (no torch).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +30,19 @@ from .sources_cost import measure_free_sources
 from .benchers import TargetBencher, draft_steps, interference, target_threads
 from .calibration_prompts import encode_prompts, filler
 from .timing import Settings, progress_bar
+
+
+GPU_CONTEXTS = (2048, 8192)   # also measured on a GPU: a pass there costs little per token, more per cached one
+
+
+def measured_contexts(s: Settings, device, max_context: int | None) -> tuple:
+    """The context lengths of the verification passes: `s.contexts` on the CPU; on a GPU also GPU_CONTEXTS,
+    each with room for the longest pass (max(s.ns) tokens) within the model's max_context."""
+    if getattr(device, "type", str(device).split(":")[0]) != "cuda":
+        return tuple(s.contexts)
+    fits = lambda c: max_context is None or c + max(s.ns) + 8 <= max_context  # noqa: E731
+    longer = [c for c in GPU_CONTEXTS if c > max(s.contexts) and fits(c)]
+    return (s.contexts[0],) + tuple(c for c in s.contexts[1:] if fits(c)) + tuple(longer)
 
 
 def default_draft_threads(n_cores: int) -> list[int]:
@@ -85,6 +100,7 @@ class Layout:
 def run_benchmarks(tm, draft_gguf: str | Path, prompts: list[dict], s: Settings, progress: bool = True,
                    cores: list[int] | None = None) -> dict:
     """All measurements for the `measurements` section of a profile (see configs/profile-format.md)."""
+    s = dataclasses.replace(s, contexts=measured_contexts(s, tm.device, getattr(tm, "max_context", None)))
     lay = Layout.of(tm, cores or os.sched_getaffinity(0), s)
     prompt_ids = encode_prompts(tm.tokenizer, prompts[:s.max_prompts] if s.max_prompts else prompts)
     tokens = filler(prompt_ids, max(s.contexts) + 70)
@@ -113,7 +129,7 @@ def verify_passes(tb: TargetBencher, lay: Layout, s: Settings, bar, rows: list) 
     """The target's verification passes over the layout's grid, appended to `rows` (the `verify` rows); a
     quick profile stops a curve once a pass costs `stop_ratio` times the n=1 one. {(context, threads, n): ms}."""
     alone: dict = {}
-    for c, t, ns in lay.grid:
+    for i, (c, t, ns) in enumerate(lay.grid):
         bar.set_description(f"target forward ctx {c}, {t} thread{'s' * (t > 1)}")
         tb.cache(c)
         with target_threads(t, None if lay.gpu or t == lay.n else lay.cores[:t]):
@@ -127,6 +143,8 @@ def verify_passes(tb: TargetBencher, lay: Layout, s: Settings, bar, rows: list) 
                 if s.stop_ratio and k >= 16 and tmg.ms > s.stop_ratio * v1:
                     bar.update(len([x for x in ns if x > k]))
                     break
+        if c != lay.grid[0][0] and all(g[0] != c for g in lay.grid[i + 1:]):
+            tb.drop(c)   # a later context's cache is not used again (the interference runs at the first)
     return alone
 
 

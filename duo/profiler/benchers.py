@@ -6,7 +6,8 @@ and the channel.
     draft_steps      a DraftBencher per thread count (on the last `threads` cores): the profile's `draft` rows
     target_threads   torch threads (and the cores the target keeps), for the duration
     TargetBencher    ms of one verification pass (forward_tree, argmax, accept, compaction) on a prefilled cache
-    interference     the slowdown of each side while the other runs
+    device_sync      wait for the target's device (a CUDA pass returns before it ran): before each clock reading
+    interference     the slowdown of each side while the other runs, the target pinned as the overlap runs it
     channel_round_trip  DraftClient.ping round trips: the profile's `channel`
 
 Module level imports stay light: the draft benchmark child process imports this module (no torch).
@@ -102,12 +103,13 @@ class DraftBencher:
     def __init__(self, gguf: str, threads: int, cores: list[int] | None, n_ctx: int = 1024, max_seqs: int = 8,
                  timeout: float = 180.0):
         from ..runtime.draft_client import _main_not_reimported
+        from ..runtime.llama_probe import gpus_hidden
 
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_draft_child, args=(child, gguf, threads, cores, n_ctx, max_seqs),
                                 name="duo-profile-draft", daemon=True)
-        with _main_not_reimported():
+        with _main_not_reimported(), gpus_hidden():   # llama.cpp in the child sees no GPU, as in the worker
             self.proc.start()
         child.close()
         self.threads = threads
@@ -173,9 +175,18 @@ def draft_steps(draft_gguf, threads: list[int], cores: list[int], tokens: list[i
 
 
 # ------------------------------------------------------------------------------------------- target
+def device_sync(device) -> None:
+    """Wait until `device` has run what was queued on it (CUDA kernels run asynchronously: without this a
+    clock reads launches, not work); a no-op on the CPU. The device is named: a bare synchronize() waits for
+    the current device, which is not the target's on cuda:1."""
+    if device.type == "cuda":
+        import torch
+        torch.cuda.synchronize(device)
+
+
 @contextlib.contextmanager
 def target_threads(threads: int, cores: list[int] | None):
-    """torch threads and (on a CPU schedule) the cores the target keeps, for the duration."""
+    """torch threads and (None: unpinned) the cores the target keeps, for the duration."""
     import torch
 
     saved_t = torch.get_num_threads()
@@ -202,8 +213,13 @@ class TargetBencher:
         if context not in self.caches:
             c = self.tm.new_cache()
             self.tm.prefill(c, self.tokens[:context])
+            device_sync(self.tm.device)   # the prefill done before any pass is timed
             self.caches[context] = c
         return self.caches[context]
+
+    def drop(self, context: int) -> None:
+        """Free the cache of `context` (a long one, measured: its memory serves the next)."""
+        self.caches.pop(context, None)
 
     def tree(self, context: int, n: int, branches: int = 1):
         """n - 1 nodes after the root: a chain, or `branches` chains side by side."""
@@ -223,20 +239,17 @@ class TargetBencher:
 
     def once(self, context: int, tree) -> float:
         """ms of one verification: forward, argmax, compaction (the cache is restored afterwards, untimed)."""
-        import torch
-
         from ..runtime.tree import accept_path
 
         tm, cache = self.tm, self.cache(context)
         n_past = tm.cache_length(cache)
-        sync = torch.cuda.synchronize if tm.device.type == "cuda" else (lambda: None)
-        sync()
+        device_sync(tm.device)
         t0 = time.perf_counter()
         logits = tm.forward_tree(cache, self.tokens[context], tree)
         choices = logits.argmax(dim=-1).cpu().numpy()
         path, _ = accept_path(tree, choices)
         tm.compact_cache(cache, n_past + 1, path)
-        sync()
+        device_sync(tm.device)
         ms = (time.perf_counter() - t0) * 1000
         tm.compact_cache(cache, n_past, [])
         return ms
@@ -249,7 +262,8 @@ class TargetBencher:
 # ------------------------------------------------------------------------------------------- both at once
 def interference(tb: TargetBencher, db: DraftBencher, d: int, n: int, cores, gpu: bool, main_t: int,
                  alone: dict, draft_alone_ms: float, tokens, s: Settings) -> dict:
-    """Slowdown of each side while the other runs (draft on cores[-d:], target on the rest).
+    """Slowdown of each side while the other runs: the draft on cores[-d:], the target pinned to the rest, as
+    the overlap schedule runs them (duo.profiler.plans.plan_from_choice; on a GPU too, with its own threads).
 
     alone: {(context, target threads, n): ms} of the passes measured alone."""
     c0 = s.contexts[0]
@@ -259,7 +273,7 @@ def interference(tb: TargetBencher, db: DraftBencher, d: int, n: int, cores, gpu
     time.sleep(0.05)
     t0 = time.monotonic()
     ratios = []
-    with target_threads(t, None if gpu else cores[:t]):
+    with target_threads(t, cores[:n - d] or None):
         for k in ks:
             tree = tb.tree(c0, k)
             tmg = measure(lambda: tb.once(c0, tree), s.min_reps, s.max_reps, s.tol)

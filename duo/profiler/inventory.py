@@ -1,4 +1,5 @@
-"""What this machine has: CPU, cores, frequency, memory, NVIDIA GPUs (NVML), and the torch device/dtype duo uses."""
+"""What this machine has: CPU, cores, frequency, memory, NVIDIA GPUs (NVML), and the torch device/dtype duo uses,
+with the GPU the target runs on (duo.profiler.gpu_identity)."""
 from __future__ import annotations
 
 import os
@@ -15,6 +16,9 @@ class GPU:
     utilization_pct: int | None = None
     driver: str = ""
     cuda_capability: str = ""
+    uuid: str = ""                 # NVML's "GPU-..." ("MIG-..." for a MIG instance)
+    pci: str = ""                  # PCI domain:bus:device, "0000:3b:00"
+    mig_of: int | None = None      # a MIG instance of GPU `index` (not a GPU of its own)
 
 
 @dataclass
@@ -32,6 +36,7 @@ class Inventory:
     gpus: list[GPU] = field(default_factory=list)
     gpu_note: str = ""                       # why no GPU is listed (no driver, NVML error)
     device: str = "cpu"                      # torch device the target uses
+    target_gpus: list[dict] = field(default_factory=list)   # the GPU(s) it runs on: {"name", "uuid", "memory_mib"}
     dtype: str = "float32"
     torch: str = ""
     torch_cuda: str | None = None
@@ -55,7 +60,7 @@ class Inventory:
         freq = f", {self.freq_max_mhz or self.freq_mhz:.0f} MHz" if (self.freq_max_mhz or self.freq_mhz) else ""
         gpus = "; ".join(f"{g.name} ({g.memory_total_mib / 1024:.0f} GiB" + (f", {g.utilization_pct}% busy"
                                                                                if g.utilization_pct else "")
-                         + (f", driver {g.driver})" if g.driver else ")") for g in self.gpus) \
+                         + (f", driver {g.driver})" if g.driver else ")") for g in self.gpus if g.mig_of is None) \
             or f"no GPU ({self.gpu_note})"
         return f"{self.cpu_model} ({self.arch}), {cores}{freq}, {self.ram_total_gib:.0f} GiB RAM; {gpus}"
 
@@ -79,7 +84,8 @@ def usable_cores() -> list[int]:
 
 
 def nvidia_gpus() -> tuple[list[GPU], str]:
-    """GPUs through NVML (nvidia-ml-py); ([], reason) without an NVIDIA driver."""
+    """GPUs through NVML (nvidia-ml-py), in its (PCI) order, each followed by its MIG instances; ([], reason)
+    without an NVIDIA driver."""
     try:
         import pynvml
     except ImportError:
@@ -88,32 +94,55 @@ def nvidia_gpus() -> tuple[list[GPU], str]:
         pynvml.nvmlInit()
     except Exception as e:  # noqa: BLE001 - NVMLError_LibraryNotFound, DriverNotLoaded, ...
         return [], f"no NVIDIA driver ({type(e).__name__})"
-    gpus = []
+    gpus: list[GPU] = []
     try:
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        driver = driver.decode() if isinstance(driver, bytes) else str(driver)
+        driver = _text(pynvml.nvmlSystemGetDriverVersion())
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(h)
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            try:
-                util = int(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
-            except Exception:  # noqa: BLE001 - not supported on some boards / MIG
-                util = None
-            try:
-                cap = ".".join(map(str, pynvml.nvmlDeviceGetCudaComputeCapability(h)))
-            except Exception:  # noqa: BLE001
-                cap = ""
-            gpus.append(GPU(i, name.decode() if isinstance(name, bytes) else str(name), int(mem.total) >> 20,
-                            int(mem.used) >> 20, util, driver, cap))
+            util = _optional(lambda: int(pynvml.nvmlDeviceGetUtilizationRates(h).gpu), None)  # not on MIG, some boards
+            cap = _optional(lambda: ".".join(map(str, pynvml.nvmlDeviceGetCudaComputeCapability(h))), "")
+            pci = _optional(lambda: _pci(pynvml.nvmlDeviceGetPciInfo(h)), "")
+            gpus.append(GPU(i, _text(pynvml.nvmlDeviceGetName(h)), int(mem.total) >> 20, int(mem.used) >> 20, util,
+                            driver, cap, _optional(lambda: _text(pynvml.nvmlDeviceGetUUID(h)), ""), pci))
+            gpus += _optional(lambda: _mig_instances(pynvml, h, gpus[-1]), [])
     except Exception as e:  # noqa: BLE001
         return gpus, f"NVML error: {e}"
     finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001
-            pass
+        _optional(pynvml.nvmlShutdown, None)
     return gpus, "" if gpus else "NVML found no GPU"
+
+
+def _mig_instances(pynvml, h, gpu: GPU) -> list[GPU]:
+    """The MIG instances of a GPU in MIG mode ([] otherwise): what a "MIG-..." CUDA_VISIBLE_DEVICES names."""
+    if not _optional(lambda: pynvml.nvmlDeviceGetMigMode(h)[0], 0):
+        return []
+    out = []
+    for j in range(_optional(lambda: pynvml.nvmlDeviceGetMaxMigDeviceCount(h), 0)):
+        m = _optional(lambda: pynvml.nvmlDeviceGetMigDeviceHandleByIndex(h, j), None)   # NotFound: an empty slot
+        if m is not None:
+            mem = pynvml.nvmlDeviceGetMemoryInfo(m)
+            out.append(GPU(gpu.index, _text(pynvml.nvmlDeviceGetName(m)), int(mem.total) >> 20, int(mem.used) >> 20,
+                           None, gpu.driver, gpu.cuda_capability, _text(pynvml.nvmlDeviceGetUUID(m)), gpu.pci,
+                           mig_of=gpu.index))
+    return out
+
+
+def _optional(fn, default):
+    """fn(), or `default` where NVML does not support it here (NVMLError_NotSupported, ...)."""
+    try:
+        return fn()
+    except Exception:  # noqa: BLE001
+        return default
+
+
+def _text(x) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _pci(info) -> str:
+    from .gpu_identity import pci_address
+    return pci_address(info.domain, info.bus, info.device)
 
 
 def _version(module: str) -> str:
@@ -130,6 +159,7 @@ def collect(device: str = "auto", dtype: str = "auto") -> Inventory:
     import torch
 
     from ..runtime.target import resolve_device, resolve_dtype
+    from . import gpu_identity
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -143,12 +173,14 @@ def collect(device: str = "auto", dtype: str = "auto") -> Inventory:
     if not gpus and torch.cuda.is_available():  # a GPU torch sees but NVML does not
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            gpus.append(GPU(i, p.name, int(p.total_memory) >> 20, cuda_capability=f"{p.major}.{p.minor}"))
+            name, uuid, mib, pci = gpu_identity.torch_gpu_facts(i)
+            gpus.append(GPU(i, name, mib, cuda_capability=f"{p.major}.{p.minor}", uuid=uuid, pci=pci))
     try:
         load = os.getloadavg()[0]
     except OSError:
         load = None
     dev_name = str(dev) if dev.type == "cpu" or dev.index is not None else f"cuda:{torch.cuda.current_device()}"
+    used = [gpu_identity.target_gpu(torch.device(dev_name).index, gpus)] if dev.type == "cuda" else []
     return Inventory(
         cpu_model=cpu_model(), arch=platform.machine(),
         physical_cores=psutil.cpu_count(logical=False) or os.cpu_count() or 1,
@@ -158,7 +190,7 @@ def collect(device: str = "auto", dtype: str = "auto") -> Inventory:
         freq_max_mhz=round(freq.max, 1) if freq and freq.max else None,
         ram_total_gib=round(vm.total / 2**30, 2), ram_available_gib=round(vm.available / 2**30, 2),
         load_avg_1m=round(load, 2) if load is not None else None,
-        gpus=gpus, gpu_note=note, device=dev_name, dtype=dt.name,
+        gpus=gpus, gpu_note=note, device=dev_name, target_gpus=used, dtype=dt.name,
         torch=torch.__version__, torch_cuda=torch.version.cuda, llama_cpp=_version("llama_cpp_python"),
         transformers=_version("transformers"), python=platform.python_version(),
         os=f"{platform.system()} {platform.release()}")

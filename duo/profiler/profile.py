@@ -2,7 +2,7 @@
 
 Saved as JSON under `duo.models.cache_dir() / "profiles" / "<fingerprint>.json"` (format:
 configs/profile-format.md). The fingerprint hashes the *key*: the hardware (CPU model, cores, RAM
-rounded to GiB, GPU names), the model pair (names, and size + a hash of the head and tail of the GGUF
+rounded to GiB, GPU names, and the target's GPU by UUID: duo.profiler.gpu_identity), the model pair (names, and size + a hash of the head and tail of the GGUF
 file, or of a transformers directory's config.json) and the device and dtype. A change of any of these
 means another profile; `closest_profile` says what changed since the nearest saved one. Softer facts
 (library versions, GPU driver, CPU frequency) are stored too: a change there is warned about, the
@@ -70,20 +70,24 @@ def model_identity(name: str, path: str | Path | None) -> dict:
 
 
 def profile_key(inv: Inventory, target: dict, draft: dict | None) -> dict:
-    """What a profile is valid for. target / draft: model_identity dicts."""
-    return {
+    """What a profile is valid for. target / draft: model_identity dicts. A GPU target's key names its GPU(s):
+    "cuda:0" is another GPU under another CUDA_VISIBLE_DEVICES (a CPU one's key has no such entry)."""
+    key = {
         "cpu_model": inv.cpu_model,
         "arch": inv.arch,
         "cores": len(inv.usable_cores),
         "logical_cores": inv.logical_cores,
         "ram_gib": int(round(inv.ram_total_gib)),
-        "gpus": [g.name for g in inv.gpus],
+        "gpus": [g.name for g in inv.gpus if g.mig_of is None],
         "device": inv.device,
         "dtype": inv.dtype,
         "target": target,
         "draft": draft,
         "format_version": FORMAT_VERSION,
     }
+    if inv.target_gpus:
+        key["target_gpus"] = [dict(g) for g in inv.target_gpus]
+    return key
 
 
 def environment(inv: Inventory) -> dict:

@@ -14,7 +14,9 @@
       governor: slower than the target alone? decode plainly for a while (governor.py)
 
 Every emitted token is the target's choice given the committed prefix, so the output equals
-target-only decoding (greedy: token for token; sampling: the same tokens for the same seed).
+target-only decoding: in float32 token for token (sampling: the same tokens for the same seed); in
+bfloat16/float16/int8 a (1+n)-row pass may round a logit differently from a 1-row one, so the two part
+only at near-ties (top-2 gap within the precision's bound, measured by tests/test_precision.py).
 `target` is anything with the Target interface (target_interface.py): the torch model or the
 simulated accelerator.
 """
@@ -80,6 +82,7 @@ class Stats:
     pauses: int = 0                  # times speculation was paused for being slower than the target alone
     adapter: str | None = None       # the draft's LoRA adapter file (duo adapt), None: the plain draft
     record_s: float = 0.0            # with cfg.record_top_k: time spent taking the target's top-K (its overhead)
+    verify: str = "eager"            # the target's verify pass: eager, or compiled (runtime/static_target.py)
     fallback: str | None = None
     stop_reason: str = ""
 

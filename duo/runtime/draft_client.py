@@ -25,6 +25,7 @@ from . import channel as ch
 from .channel import Channel, DraftStats
 from .draft_worker import worker_main
 from .drafter import DraftConfig
+from .llama_probe import gpus_hidden
 from .tree import Tree
 
 __all__ = ["DraftClient", "DraftConfig", "DraftStats", "DraftError", "DraftTimeout", "DraftDied"]
@@ -68,7 +69,7 @@ class DraftClient:
         self._hung = [False]              # the last wait timed out on a live worker: kill it, don't ask
         self._closed = False
         try:
-            with _main_not_reimported():
+            with _main_not_reimported(), gpus_hidden():   # the worker sees no GPU (llama_probe.HIDDEN_GPUS)
                 self._proc.start()
         except BaseException:
             self._chan.close()

@@ -15,9 +15,13 @@ alternating) is chosen. The verdict is saved under the cache directory, keyed by
 and flags), the llama.cpp build and the GGUF file, and used by every process that loads the draft
 (worker, profiler, bench).
 No variant running is an error naming the cause and the fix, never a silent fallback.
+
+Every process that loads llama.cpp starts with the GPUs hidden (`cpu_only_env`, `gpus_hidden`): the draft runs
+on the CPU, yet a GPU build of llama.cpp would open a context on each visible GPU when it loads.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,6 +30,7 @@ import platform
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +40,11 @@ PROBE_FORMAT = 1
 PROBE_TIMEOUT_S = 180.0
 PROBE_REPEATS = 2                 # runs of each variant, alternating; the fastest counts
 FAULT_ENV = "DUO_PROBE_FAULT"     # tests only: "sigill:<variant>|all" makes that child die by SIGILL
+# A GPU build of llama.cpp enumerates every device it sees when it loads and creates a context on each (CUDA:
+# hundreds of MB of VRAM and 1-2 s per process), n_gpu_layers=0 or not: its processes see none (CUDA, ROCm, Vulkan).
+HIDDEN_GPUS = {"CUDA_VISIBLE_DEVICES": "", "HIP_VISIBLE_DEVICES": "", "ROCR_VISIBLE_DEVICES": "",
+               "GGML_VK_VISIBLE_DEVICES": ""}
+_ENV_LOCK = threading.Lock()
 
 
 class DraftUnusable(RuntimeError):
@@ -81,6 +91,34 @@ def unusable_message(v: Verdict) -> str:
     return (f"llama.cpp cannot run the draft on this CPU ({why}); reinstall llama-cpp-python built for a "
             f"portable CPU: CMAKE_ARGS='-DGGML_NATIVE=OFF' pip install --force-reinstall --no-cache-dir "
             f"--no-binary llama-cpp-python llama-cpp-python, or run the target alone with --mode target")
+
+
+# ------------------------------------------------------------------------------------------- no GPU
+def cpu_only_env(env: dict | None = None) -> dict:
+    """A child's environment (default: this one) in which llama.cpp sees no GPU."""
+    return dict(os.environ if env is None else env, **HIDDEN_GPUS)
+
+
+@contextlib.contextmanager
+def gpus_hidden():
+    """Around a spawn-context child's start (it takes os.environ then): the GPUs hidden from it, this process's
+    own values back afterwards. This process is unaffected: CUDA reads CUDA_VISIBLE_DEVICES once, in cuInit
+    (torch's first CUDA call: is_available(), or the target's weights moving to the GPU), which a parent with
+    a GPU target made before it starts a draft; torch's device_count() caches its count from then on. A parent
+    that has not touched CUDA yet reads the restored values later; only a first CUDA call made by another of
+    its threads inside this window (a process start: milliseconds) would see no GPU. The lock keeps this
+    process's own launches apart."""
+    with _ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in HIDDEN_GPUS}
+        os.environ.update(HIDDEN_GPUS)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 # ------------------------------------------------------------------------------------------- the key
@@ -202,8 +240,7 @@ def run_child(gguf_path: str | os.PathLike, variant: str, threads: int, report: 
     With `report`, the answer also holds llama.cpp's system info and the load log's buffer lines."""
     cmd = [sys.executable, "-m", "duo.runtime.llama_probe", str(gguf_path), variant, str(threads)] + \
         (["report"] if report else [])
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")   # the draft lives on the CPU
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, env=env,
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, env=cpu_only_env(),
                        stdin=subprocess.DEVNULL)
     try:
         answer = json.loads((p.stdout.strip().splitlines() or [""])[-1])

@@ -6,8 +6,11 @@
                                    (torch._weight_int8pack_mm, CPU and CUDA); embeddings and norms stay dense
 
 Precision changes the target's numerics, so duo never switches it silently: "auto" is float32 on the CPU
-and bfloat16 (or float16) on a GPU, and the profiler only recommends (`duo profile` reports each one).
-Exactness always holds relative to the target as loaded in its precision.
+and bfloat16 on a GPU that has it natively (compute capability 8.0+; float16 on older ones), and the
+profiler only recommends (`duo profile` reports each one).
+Exactness holds relative to the target as loaded in its precision: float32 token for token; in bfloat16,
+float16 and int8 a verification pass (1 + n rows) and one-token decoding (1 row) run different kernels, so
+greedy output may part at a near-tie (top-2 logits closer than the rounding; the tests measure the bound).
 
     W8 matmul:  y = (x @ q.T) * s         q int8 [out, in], s [out] = max |w_row| / 127, q = round(w / s)
 """
@@ -18,7 +21,6 @@ from dataclasses import dataclass
 import torch
 
 from ..plan import PRECISION_ALIASES as ALIASES, PRECISIONS
-
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,24 @@ class PrecisionError(ValueError):
     pass
 
 
+def native_bf16(device: torch.device) -> bool:
+    """bf16 in hardware: compute capability >= 8.0 (Ampere on) on a CUDA GPU, always on ROCm and the CPU.
+
+    Not `torch.cuda.is_bf16_supported()`: it also counts emulation (T4, V100, RTX 20xx run bf16 slowly);
+    `is_bf16_supported(including_emulation=False)` is this test, but on the current device only.
+    """
+    if device.type != "cuda" or torch.version.hip:
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def gpu_half(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+    """A GPU's 16-bit dtype: bfloat16 where it is native, else float16 (load_target checks its logits are finite)."""
+    return torch.bfloat16 if native_bf16(device) else torch.float16
 
 
 def resolve_precision(name, device: torch.device) -> Precision:
-    """'auto': float32 on the CPU, bfloat16 on a GPU that has it (else float16)."""
+    """'auto': float32 on the CPU, bfloat16 on a GPU that has it natively (else float16)."""
     if isinstance(name, torch.dtype):
         name = str(name).replace("torch.", "")
     name = ALIASES.get(name, name)
@@ -59,7 +73,7 @@ def available_precisions(device: torch.device) -> list[str]:
     """The precisions this machine runs the target in (float16 only on a GPU: the CPU has no fast fp16 matmul)."""
     if device.type == "cpu":
         return ["float32", "bfloat16", "int8"]
-    return ["float32"] + (["bfloat16"] if torch.cuda.is_bf16_supported() else []) + ["float16", "int8"]
+    return ["float32"] + (["bfloat16"] if native_bf16(device) else []) + ["float16", "int8"]
 
 
 class Int8Linear(torch.nn.Module):

@@ -23,9 +23,9 @@ from duo.runtime.target import (TargetError, TargetModel, check_tree_support, co
                                 tree_attention_mask)
 from duo.runtime.target_load import check_placement, placement, weight_bytes
 from duo.runtime.tree import Tree
+from test_verify import VOCAB, branch_of, random_tree   # trees over the same 97-token vocabulary
 
 GiB = 2**30
-VOCAB = 97
 WINDOW = 8
 
 
@@ -43,19 +43,6 @@ def fake_gpus(monkeypatch, n: int, capability=(8, 0)):
     monkeypatch.setattr(torch.cuda, "get_device_capability",
                         lambda d=None: caps.get(torch.device(d).index, capability) if caps else capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: n > 0)
-
-
-def random_tree(rng, n):
-    parents = [-1] + [int(rng.integers(-1, k)) for k in range(1, n)]
-    return Tree(rng.integers(0, VOCAB, n), parents, rng.random(n))
-
-
-def branch_of(tree, k):
-    path = []
-    while k >= 0:
-        path.append(k)
-        k = int(tree.parents[k])
-    return path[::-1]
 
 
 @torch.inference_mode()

@@ -56,9 +56,10 @@ def use_static(setting: str, device: torch.device) -> bool:
     """Whether verification runs on the static, compiled path: "on", "off", or "auto".
 
     auto: on for CUDA, where a pass of eager HF decoding is bound by its hundreds of kernel launches and
-    CUDA graphs replay them at once; off on the CPU, where launches cost little next to the matmuls and
-    compiling took 20-50 s per bucket for the tiny test model on 2 cores. `python -m bench.verify_cost
-    --compile` measures eager against compiled per tree size: its numbers on a GPU decide this."""
+    CUDA graphs replay them at once; off on the CPU: measured on 2 cores (bench/results/issue20-verify-*),
+    compiled passes are 4x faster for the tiny test model (Python-bound) but 2x slower for the 1.5B (the
+    eager path's oneDNN linears beat inductor's), and each bucket takes 40-50 s to compile.
+    `python -m bench.verify_cost --compile` measures eager against compiled per tree size."""
     if setting not in SETTINGS:
         raise ValueError(f"unknown compile setting {setting!r}: use auto, on or off")
     if setting == "auto":

@@ -72,11 +72,11 @@ def add_model_flags(p) -> None:
     g.add_argument("--model", "-m", metavar="M", help="target: alias, GGUF file or HF directory")
     g.add_argument("--draft", "-d", metavar="D", help="draft: alias or GGUF file")
     g.add_argument("--device", type=_device, default="auto", metavar="DEV",
-                   help="target device: auto, cpu, cuda, cuda:N, or cuda:N,M,... (one target spread over those GPUs); default auto")
+                   help="target device: auto, cpu, cuda, cuda:N, cuda:N,M (over GPUs)")
     g.add_argument("--dtype", type=_dtype, default="auto", metavar="T",
                    help="target precision: auto, float32, bfloat16, float16, int8")
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto", metavar="C",
-                   help="verify on a static KV cache with torch.compile (CUDA graphs): auto (= on a GPU), on, off")
+                   help="compiled verify pass: auto (on a GPU), on, off")
 
 
 def add_retrieval_flags(p, cache_file: bool = True) -> None:

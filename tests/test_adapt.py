@@ -115,9 +115,9 @@ def test_adapt_raises_agreement_and_the_worker_swaps_the_adapter_in_without_rest
         before = [e.generate(p, max_new_tokens=40) for p in PROMPTS[:2]]
         pid = e._draft._proc.pid
         assert e._draft.adapter is None
-        record(tiny_pair, 12)
+        record(tiny_pair, 24)
         pair = pair_dir("target_hf", tiny_pair.draft_gguf)
-        result, path = adapt_pair(pair, tiny_pair.draft_gguf, AdaptConfig(rank=8, alpha=16, epochs=4, lr=3e-3,
+        result, path = adapt_pair(pair, tiny_pair.draft_gguf, AdaptConfig(rank=8, alpha=16, epochs=8, lr=3e-3,
                                                                           bf16=False), held_out=0.25, progress=False)
         assert result.kept and path is not None, result.summary()
         assert result.agreement_after > result.agreement_before and result.loss_last < result.loss_first

@@ -171,7 +171,9 @@ def test_overlap_beats_sequential_by_the_predicted_margin(matched_pair, sim_cach
     assert hit >= 0.6, f"the draft-ahead rarely hit: the test would not exercise the overlap ({info})"
     assert predicted_gain >= 1.2, f"the draft is too fast for a clear margin ({info})"
     assert abs(measured_gain / predicted_gain - 1) <= GAIN_TOLERANCE, info
-    assert measured_gain >= 1.2, info
+    # the overlap wins clearly: implied by the two above (>= 1.2 predicted, within 8%), stated for the reader;
+    # not a fixed 1.2, which a draft a little faster than this one would miss with the model still right
+    assert measured_gain >= 1.2 * (1 - GAIN_TOLERANCE), info
 
 
 # ------------------------------------------------------------------------------------------- (c) the cache

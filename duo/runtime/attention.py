@@ -115,8 +115,7 @@ def ancestor_matrix(parents: np.ndarray) -> np.ndarray:
 def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[rows, keys] bool -> [1, 1, rows, keys]: 0 where allowed, dtype's most negative value elsewhere."""
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]   # out of place: traceable in a graph
 
 
 def tree_allowed(parents: np.ndarray, n_past: int, device, window: int | None = None) -> torch.Tensor:

@@ -36,7 +36,7 @@ import torch
 
 from ..errors import DuoError, is_oom, release_after_oom
 from ..sampling import choose_tokens, token_logprobs
-from .attention import ancestor_matrix, layer_windows
+from .attention import additive, ancestor_matrix, layer_windows
 from .static_cache import StaticKV, SlabPool, Upload, compact, slab_bytes
 from .target import TargetError, TargetModel
 from .tree import Tree
@@ -79,12 +79,6 @@ def mask_layout(config) -> tuple[int | None, str]:
         raise TargetError(f"no static tree mask for {', '.join(sorted(unknown)) or 'windowless'} layers; "
                           f"use --compile off")
     return int(window), "mixed" if "full_attention" in kinds else "sliding-only"
-
-
-def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[q, k] bool -> [1, 1, q, k] additive mask: 0 where allowed, the dtype's min elsewhere."""
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
 def tree_masks(anc: torch.Tensor, pos: torch.Tensor, n_past, n_keys: int, dtype: torch.dtype,

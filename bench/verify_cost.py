@@ -76,7 +76,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto", help="the target's precision: auto, float32, bfloat16, float16, int8")
+    ap.add_argument("--dtype", default="auto", help="the target's precision: auto, float32, bfloat16, float16, int8, w8a8")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--sizes", default="1,4,8,16,32,64")
     ap.add_argument("--reps", type=int, default=3)

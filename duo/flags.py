@@ -74,7 +74,7 @@ def add_model_flags(p) -> None:
     g.add_argument("--device", type=_device, default="auto", metavar="DEV",
                    help="target device: auto, cpu, cuda, cuda:N, cuda:N,M (over GPUs)")
     g.add_argument("--dtype", type=_dtype, default="auto", metavar="T",
-                   help="target precision: auto, float32, bfloat16, float16, int8")
+                   help="target precision: auto, float32, bfloat16, float16, int8, w8a8")
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto", metavar="C",
                    help="compiled verify pass: auto (on a GPU), on, off")
 

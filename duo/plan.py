@@ -5,7 +5,8 @@ to the draft worker all take these objects (configuration flows one way, from th
 
     MODES:  overlap (the draft drafts while the target verifies) | sequential | target (no draft)
     SHAPES: chain | dynamic (DuoDecoding: branch where p > p1 * p2) | eagle (EAGLE-2: top-k by path score)
-    PRECISIONS: float32 | bfloat16 | float16 | int8 (int8 weights, bf16 activations): the target's numerics
+    PRECISIONS: float32 | bfloat16 | float16 | int8 (int8 weights, bf16 activations) | w8a8 (int8 weights and
+                activations, CPU): the target's numerics
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from .errors import UsageError
 from .runtime.tree_shapes import SHAPES
 
 MODES = ("overlap", "sequential", "target")
-PRECISIONS = ("float32", "bfloat16", "float16", "int8")   # the target's (runtime/precision.py), or "auto"
+PRECISIONS = ("float32", "bfloat16", "float16", "int8", "w8a8")   # the target's (runtime/precision.py), or "auto"
 PRECISION_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "w8": "int8"}
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from duo import Engine
-from duo.runtime.precision import available_precisions
+from duo.runtime.precision import W8A8Linear, available_precisions
 
 from test_exactness import NEAR_TIE, PROMPTS, assert_exact_or_near_tie, cut_at_eos, reference_greedy
 
@@ -39,6 +39,10 @@ def test_precision_is_what_was_asked(engine, tiny_pair):
     if tm.precision == "int8":
         assert tm.dtype == torch.bfloat16
         assert any(b.dtype == torch.int8 for b in tm.model.buffers()), "no int8 weights"
+    elif tm.precision == "w8a8":
+        assert tm.dtype == torch.bfloat16
+        kinds = {type(m) for m in tm.model.modules()}
+        assert W8A8Linear in kinds and torch.nn.Linear not in kinds, kinds
     else:
         assert all(p.dtype == getattr(torch, tm.precision) for p in tm.model.parameters())
 
@@ -64,3 +68,27 @@ def test_greedy_equals_same_precision_target_alone(engine):
             ties.append((p, *tie))
     print(f"\n{tm.precision}: near-tie bound {bound:.3g} (batch noise {noise:.3g}); near-ties {ties}")
     assert accepted > 0 and drafted > accepted, (drafted, accepted)   # speculation ran, and was also rejected
+
+
+def test_a_w8a8_linear_gives_a_row_the_same_result_in_any_pass():
+    """int8 x int8 sums are exact: a row's output does not depend on the other rows of the pass, and it is
+    the int32 product of the rounded row and weights, scaled back."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 200, bias=True)
+    layer = W8A8Linear(lin, torch.float32)
+    x = torch.randn(33, 96) * torch.linspace(0.1, 30, 33)[:, None]
+    full = layer(x)
+    for rows in ([5], [0, 1], list(range(3, 20)), list(range(33))[::-1]):
+        assert torch.equal(layer(x[rows]), full[rows])
+    w = lin.weight.detach().double()
+    s = w.abs().amax(1) / 127
+    a = x.double().abs().amax(1, keepdim=True) / 127
+    ref = (torch.round(x.double() / a) @ torch.round(w / s[:, None]).t()) * a * s + lin.bias.detach().double()
+    assert (full.double() - ref).abs().max() < 1e-5 * ref.abs().max()
+    assert (full.double() - lin(x).detach().double()).abs().max() > 1e-4 * ref.abs().max()   # it is quantized
+
+
+def test_w8a8_is_refused_on_a_gpu_with_the_fix():
+    from duo.runtime.precision import PrecisionError, resolve_precision
+    with pytest.raises(PrecisionError, match="CPU only.*int8"):
+        resolve_precision("w8a8", torch.device("cuda", 0))

@@ -377,7 +377,7 @@ def test_profile_measures_every_precision_when_asked(tiny_pair):
         if name != "float32":
             assert {r["n"] for r in e["verify"]} == set(PRECISION_NS) and e["load_s"] > 0
     size = {name: e["footprint_bytes"] for name, e in entries.items()}
-    assert size["int8"] < size["bfloat16"] < size["float32"]
+    assert size["int8"] < size["bfloat16"] < size["float32"] and size["w8a8"] < size["bfloat16"]
     rows = {r["precision"]: r for r in prof["precisions"]}
     assert set(rows) == set(names)
     for r in rows.values():

@@ -86,14 +86,20 @@ def available_precisions(device: torch.device) -> list[str]:
     return ["float32"] + (["bfloat16"] if native_bf16(device) else []) + ["float16", "int8"]
 
 
+def int8_weights(linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """q int8 [out, in] (contiguous), s float32 [out]: w = q * s per output channel, symmetric."""
+    w = linear.weight.detach().to(torch.float32)
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale
+
+
 class Int8Linear(torch.nn.Module):
     """A Linear with int8 weights and one scale per output channel."""
 
     def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype):
         super().__init__()
-        w = linear.weight.detach().to(torch.float32)
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous())
+        q, scale = int8_weights(linear)
+        self.register_buffer("qweight", q)
         self.register_buffer("scales", scale.to(dtype))
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -113,9 +119,7 @@ class W8A8Linear(torch.nn.Module):
 
     def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype):
         super().__init__()
-        w = linear.weight.detach().to(torch.float32)
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        q, scale = int8_weights(linear)
         self.packed = torch.ops.onednn.qlinear_prepack(q, [1, linear.in_features])   # opaque: not a buffer
         self.packed_bytes = q.numel()
         self.register_buffer("scales", scale)                                         # float32 [out]
@@ -133,10 +137,10 @@ class W8A8Linear(torch.nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
-def quantize_int8(model: torch.nn.Module, dtype: torch.dtype, activations: bool = False) -> int:
-    """Replace every Linear (the output layer included) by an Int8Linear (W8A8Linear with activations);
-    returns how many."""
-    kind = W8A8Linear if activations else Int8Linear
+def quantize_linears(model: torch.nn.Module, dtype: torch.dtype, weights: str) -> int:
+    """Replace every Linear (the output layer included) by the layer of Precision.weights ("int8": Int8Linear,
+    "w8a8": W8A8Linear); returns how many."""
+    kind = {"int8": Int8Linear, "w8a8": W8A8Linear}[weights]
     n = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):

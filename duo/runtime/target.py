@@ -24,7 +24,7 @@ import torch
 from ..errors import is_oom, release_after_oom
 from ..sampling import choose_tokens, token_logprobs
 from .attention import ancestor_matrix, attn_implementation, probe_window, tree_attention_mask, verify_mask
-from .precision import footprint_bytes, quantize_int8
+from .precision import footprint_bytes, quantize_linears
 from .target_load import (TargetError, check_finite_logits, check_placement, devices_precision, input_device,
                           placement, quiet_loading, resolve_device, resolve_devices, resolve_dtype, storage_dtype,
                           use_onednn_linears, weight_bytes)
@@ -100,8 +100,8 @@ def load_target(hf_dir: str | Path, device: str = "auto", dtype: str = "auto", n
                                                          attn_implementation=attn_implementation(), **where)
         check_placement(model, devs)
         model.eval()
-        if prec.weights in ("int8", "w8a8"):
-            quantize_int8(model, dt, activations=prec.weights == "w8a8")
+        if prec.weights != "dense":
+            quantize_linears(model, dt, prec.weights)
     except TargetError:
         raise
     except (RuntimeError, MemoryError) as e:
@@ -213,7 +213,6 @@ def rejects_mask(e: RuntimeError) -> bool:
     return not device_error and any(m in text.lower() for m in MASK_REJECTIONS)
 
 
-@torch.inference_mode()
 def probe_tolerance(tm: TargetModel) -> float:
     """The largest |tree - branch alone| / max |logit| that still passes the probe, per precision.
 
@@ -226,6 +225,7 @@ def probe_tolerance(tm: TargetModel) -> float:
     return 1e-3 if tm.dtype == torch.float32 else 5e-2
 
 
+@torch.inference_mode()
 def check_tree_support(tm: TargetModel) -> bool:
     """Verify a small branched tree against plain causal runs of each branch; False if the model ignores the mask.
 

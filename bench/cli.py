@@ -72,7 +72,8 @@ def cmd_bench(args) -> int:
                      device=args.device, dtype=args.dtype, budget=args.budget, temperature=args.temperature,
                      seed=args.seed, log=lambda s: print(s, file=sys.stderr, flush=True), simulate=simulate,
                      on_dataset=lambda rows: write_json(rows, args.json),   # partial results survive a crash
-                     engine_kw={**retrieval_kwargs(args), **adapter_kwargs(args), "compile": args.compile})
+                     engine_kw={**retrieval_kwargs(args), **adapter_kwargs(args), "compile": args.compile,
+                                "draft_quant": args.draft_quant})
     print(markdown(rows))
     write_json(rows, args.json)
     if args.plot:

@@ -42,7 +42,8 @@ def plan_line(engine) -> str:
            f"tree, draft {p.draft_threads} / target {p.target_threads} threads ({p.source})")
     v = engine.draft_llama
     r = v.result(v.chosen) if v is not None else None
-    return out + (f"; draft in llama.cpp: {v.chosen}, {r.ms_per_token:.1f} ms/token" if r else "")
+    return out + (f"; draft in llama.cpp: {engine.draft_ref.weights}, {v.chosen}, {r.ms_per_token:.1f} ms/token"
+                  if r else "")
 
 
 def run_once(engine, args, prompt: str, gen: dict) -> int:

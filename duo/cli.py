@@ -191,6 +191,7 @@ def cmd_run(args) -> int:
     t = time.perf_counter()
     with Engine(args.model, args.draft, device=args.device, dtype=args.dtype, budget=args.budget,
                 mode=args.mode, progress=not args.quiet, profile=args.profile, compile=args.compile,
+                draft_quant=args.draft_quant,
                 **retrieval_kwargs(args), **adapter_kwargs(args)) as engine:
         log.info("loaded %s + %s on %s in %.1fs; plan %s", engine.target.name,
                  engine.draft_ref.name if engine.draft_ref else "no draft", engine.target.device,

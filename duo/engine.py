@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 from .arguments import check_engine_args, sampling_params
 from .adaptation import Adaptation, check_adaptation_args
+from .draft_quant import resolve_draft
 from .errors import DuoError, UsageError, is_oom
 from .plan import Plan, check_mode, default_plan
 from .prompt import Messages, TextStream, encode_prompt
@@ -60,7 +61,7 @@ class Engine:
         model: the target: a built-in alias, a GGUF file or a Hugging Face model directory (None: default).
         draft: the draft: a built-in alias or a GGUF file (None: default). Ignored with mode="target".
         device: where the target runs: "auto" (a GPU if torch sees one), "cpu", "cuda" or "cuda:N".
-        dtype: target dtype: "auto", "float32", "bfloat16" or "float16".
+        dtype: target precision: "auto", "float32", "bfloat16", "float16", "int8" or "w8a8" (CPU).
         budget: drafted tokens per round, or "auto" (the plan's choice).
         mode: "auto", "overlap" (draft while the target verifies), "sequential", or "target" (no draft).
         width, shape, lookup: tree shape options (max branches; chain | dynamic | eagle; n-gram candidates).
@@ -79,6 +80,7 @@ class Engine:
             accelerator's time per pass, while the draft runs for real with every core (greedy only;
             see duo.runtime.simulate).
         compile: the static, compiled verify pass (runtime/static_target.py): "auto" (on a GPU), "on" or "off".
+        draft_quant: the draft's weights: "auto" (a Q4_0 copy where it drafts faster), "keep", "q4_0" (draft_quant.py).
 
     Raises UsageError for bad arguments (a missing model file, a draft that is not GGUF, a draft and a target
     with different vocabularies, a CUDA device without a GPU, ...) and DuoError when loading fails (out of
@@ -91,7 +93,7 @@ class Engine:
                  progress: bool = True, target_model=None, profile: str = "saved", simulate=None,
                  datastore: str | None = None, output_cache: int = DEFAULT_CACHE_TOKENS,
                  output_cache_file: str | None = None, adapter: str = "auto", record: bool = False,
-                 adapt_online: bool = False, compile: str = "auto"):
+                 adapt_online: bool = False, compile: str = "auto", draft_quant: str = "auto"):
         from . import models
         from .runtime.static_target import with_static_verify
         from .runtime.target import TargetError, storage_dtype
@@ -110,7 +112,7 @@ class Engine:
         self.plan.shape, self.lookup = shape, lookup
         try:
             tref = models.resolve_target(model, progress=progress, dtype=storage_dtype(device, dtype))
-            dref = models.resolve_draft(draft, progress=progress) if self.plan.mode != "target" else None
+            dref = resolve_draft(draft, draft_quant, progress) if self.plan.mode != "target" else None
             self.target, planner = self._target_and_planner(tref, target_model, device, dtype, accelerator,
                                                             plan is None, progress)
             if dref is not None:

@@ -67,7 +67,7 @@ def add_common_flags(p) -> None:
 
 
 def add_model_flags(p) -> None:
-    """--model --draft --device --dtype --compile, on every command that loads models."""
+    """--model --draft --device --dtype --compile --draft-quant, on every command that loads models."""
     g = p.add_argument_group("models")
     g.add_argument("--model", "-m", metavar="M", help="target: alias, GGUF file or HF directory")
     g.add_argument("--draft", "-d", metavar="D", help="draft: alias or GGUF file")
@@ -77,6 +77,13 @@ def add_model_flags(p) -> None:
                    help="target precision: auto, float32, bfloat16, float16, int8, w8a8")
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto", metavar="C",
                    help="compiled verify pass: auto (on a GPU), on, off")
+    add_draft_quant_flag(g)
+
+
+def add_draft_quant_flag(g) -> None:
+    """--draft-quant: the draft's weights as given or as a Q4_0 copy (duo.draft_quant)."""
+    g.add_argument("--draft-quant", choices=["auto", "keep", "q4_0"], default="auto", metavar="Q",
+                   help="draft weights: auto (a Q4_0 copy if measured faster), keep, q4_0")
 
 
 def add_retrieval_flags(p, cache_file: bool = True) -> None:

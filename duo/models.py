@@ -55,6 +55,7 @@ class DraftRef:
 
     name: str
     gguf: Path
+    weights: str = "as given"     # or "Q4_0 copy" (duo.draft_quant: the file is a requantized copy)
 
 
 # ---------------------------------------------------------------- cache files

@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..flags import add_draft_quant_flag
 from . import cost, precisions
 
 BUDGETS_SHOWN = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 63)
@@ -36,8 +37,9 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", "-m", help="target: alias, GGUF file or Hugging Face directory (default qwen2.5-coder-1.5b)")
     g.add_argument("--draft", "-d", help="draft: alias or GGUF file (default qwen2.5-coder-0.5b)")
     g.add_argument("--device", default="auto", help="where the target runs: auto, cpu, cuda or cuda:N (default auto)")
-    g.add_argument("--dtype", default="auto", help="target precision: auto, float32, bfloat16, float16, int8 (default "
-                                                   "auto); the profile also reports the others")
+    g.add_argument("--dtype", default="auto", help="target precision: auto, float32, bfloat16, float16, int8, w8a8 "
+                                                   "(default auto); the profile also reports the others")
+    add_draft_quant_flag(g)
     p.add_argument("--quick", action="store_true", help="fewer repetitions and calibration tokens (about 2 minutes on 2 cores)")
     p.add_argument("--no-precisions", action="store_true",
                    help="measure the target in the --dtype precision only (not each precision of this device)")
@@ -212,7 +214,8 @@ def main(args) -> int:
     progress = not getattr(args, "no_progress", False) and not getattr(args, "quiet", False)
     profile, path = create_profile(args.model, args.draft, device=args.device, dtype=args.dtype,
                                    quick=args.quick, prompts=args.prompts, progress=progress,
-                                   precisions=not getattr(args, "no_precisions", False))
+                                   precisions=not getattr(args, "no_precisions", False),
+                                   draft_quant=getattr(args, "draft_quant", "auto"))
     plot_to = Path(args.plot) if args.plot else (path.with_suffix(".png") if path else None)
     note = None
     if plot_to is not None:

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..draft_quant import prepare as prepare_draft
 from . import cost, plans, precisions as sweep
 from .inventory import Inventory
 from .measured import in_loop_factors, measurements_from_profile, min_over_larger  # noqa: F401 (used by importers)
@@ -231,7 +232,8 @@ def plan_from_profile(profile: dict, mode: str = "auto", budget: int | None = No
 # ------------------------------------------------------------------------------------------- profiling
 def create_profile(target=None, draft=None, device: str = "auto", dtype: str = "auto", quick: bool = True,
                    prompts: str | Path | None = None, progress: bool = True, target_model=None,
-                   save: bool = True, settings=None, precisions: bool = False) -> tuple[dict, Path | None]:
+                   save: bool = True, settings=None, precisions: bool = False,
+                   draft_quant: str = "keep") -> tuple[dict, Path | None]:
     """Measure this machine with a model pair (precisions: the target in each precision too); returns (profile, path).
 
     target / draft: duo.models refs, or a spec string / None for resolve_target / resolve_draft."""
@@ -242,7 +244,8 @@ def create_profile(target=None, draft=None, device: str = "auto", dtype: str = "
     t0 = time.perf_counter()
     tref = target if hasattr(target, "hf_dir") else models.resolve_target(
         target, progress=progress, dtype=storage_dtype(device, dtype))
-    dref = draft if hasattr(draft, "gguf") and not hasattr(draft, "hf_dir") else models.resolve_draft(draft, progress=progress)
+    dref = draft if hasattr(draft, "gguf") and not hasattr(draft, "hf_dir") else \
+        prepare_draft(models.resolve_draft(draft, progress=progress), draft_quant, progress)
     inv = inventory.collect(device, dtype)
     key = key_for(tref, dref, inv)
     s = settings or timing.Settings.for_mode(quick)

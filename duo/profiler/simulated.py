@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from ..draft_quant import prepare as prepare_draft
 from . import cost, plans
 
 log = logging.getLogger("duo")
@@ -282,7 +283,8 @@ def main(args) -> int:
         raise UsageError(str(e)) from e
     progress = not getattr(args, "no_progress", False) and not getattr(args, "quiet", False)
     tref = models.resolve_target(args.model, progress=progress)
-    dref = models.resolve_draft(args.draft, progress=progress)
+    dref = prepare_draft(models.resolve_draft(args.draft, progress=progress), getattr(args, "draft_quant", "auto"),
+                         progress)
     meas, source = saved_measurements(tref, dref, args.device, args.dtype)
     if meas is None:   # calibrate: needs the real target once (for its recordings)
         from ..runtime.simulate import SimulatedTarget

@@ -75,7 +75,8 @@ def cmd_serve(args) -> int:
     if args.host not in LOCAL and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", args.host)
     with Engine(args.model, args.draft, device=args.device, dtype=args.dtype, budget=args.budget,
-                progress=not args.quiet, profile=args.profile, compile=args.compile, **retrieval_kwargs(args),
+                progress=not args.quiet, profile=args.profile, compile=args.compile,
+                draft_quant=args.draft_quant, **retrieval_kwargs(args),
                 **adapter_kwargs(args)) as engine:
         app = create_app(engine, model_name=engine.target.name, api_key=args.api_key, max_queue=args.max_queue,
                          queue_timeout_s=args.queue_timeout, max_body_bytes=args.max_body,

@@ -94,7 +94,7 @@ def prepare(dref, setting: str = "auto", progress: bool = True):
     src = Path(dref.gguf)
     if setting == "keep" or setting == "auto" and (src.stat().st_size < MIN_BYTES or q4_0_share(src) > 0.5):
         return dref
-    copy = replace(dref, gguf=q4_0_copy(src, progress), weights="Q4_0 copy")
+    copy = replace(dref, gguf=q4_0_copy(src, progress), weights="Q4_0 copy", source=src)
     if setting == "q4_0":
         return copy
     from .runtime.llama_probe import llama_verdict

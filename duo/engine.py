@@ -130,7 +130,7 @@ class Engine:
         self.draft_ref = dref
         self.retrieval = Retrieval.open(datastore, output_cache, output_cache_file, len(self.target.tokenizer),
                                         tref.name)
-        self.adaptation = Adaptation.open(adapter, record, adapt_online, tref.name, dref.gguf if dref else None)
+        self.adaptation = Adaptation.open(adapter, record, adapt_online, tref.name, dref.identity if dref else None)
         if dref is not None:
             self._start_draft()
         self._closed = False
@@ -222,8 +222,7 @@ class Engine:
         if mode != "target" and self._draft is not None:   # else the draft would refuse it: a fallback
             tree.validate(self._draft.cfg.max_nodes, self._draft.cfg.max_seqs)
         adaptive = p.adaptive and overrides.get("budget") is None
-        # a worker slower than 20x its profiled speed for the largest tree hangs
-        timeout = max(2.0, 20 * 2 * p.budget * p.draft_ms_per_token / 1000)
+        timeout = max(2.0, 20 * 2 * p.budget * p.draft_ms_per_token / 1000)   # 20x its profiled speed: hung
         return DecodeConfig(max_new_tokens=min(max_new_tokens, self.context - n_prompt), sampling=sampling,
                             mode=mode, tree=tree, lookup=self.lookup if overrides.get("lookup") is None else overrides.get("lookup"),
                             draft_timeout_s=timeout, budget_range=(max(1, p.budget // 4), 2 * p.budget) if adaptive else None,

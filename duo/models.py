@@ -55,7 +55,13 @@ class DraftRef:
 
     name: str
     gguf: Path
-    weights: str = "as given"     # or "Q4_0 copy" (duo.draft_quant: the file is a requantized copy)
+    weights: str = "as given"     # or "Q4_0 copy" (duo.draft_quant: the file is a requantized copy ...)
+    source: Path | None = None    # ... of this file
+
+    @property
+    def identity(self) -> Path:
+        """The draft's own file (not a copy in another format): what its adapters (duo adapt) belong to."""
+        return self.source or self.gguf
 
 
 # ---------------------------------------------------------------- cache files

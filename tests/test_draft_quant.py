@@ -44,6 +44,8 @@ def test_a_q4_0_draft_speculates_and_the_output_is_the_targets(tiny_pair_q, own_
     with Engine(str(tiny_pair_q.target_hf_dir), str(tiny_pair_q.target_gguf), device="cpu", mode="sequential",
                 budget=8, shape="dynamic", progress=False, draft_quant="q4_0", output_cache=0) as e:
         assert e.draft_ref.weights == "Q4_0 copy" and e.draft_ref.gguf.parent == own_cache / "drafts"
+        # the draft's adapters (duo adapt) belong to its own file, whatever format runs
+        assert e.draft_ref.identity == tiny_pair_q.target_gguf == e.adaptation.draft_gguf
         drafted = accepted = 0
         for p in PROMPTS[:6]:
             ids = e.encode(p)

@@ -149,7 +149,8 @@ def markdown(rows: list[Row]) -> str:
     if wrong:
         lines += ["", "Greedy outputs different from the target's (prompt index in the dataset order used); each "
                   "checked: the target's top-2 logit gap where they part against the precision's near-tie bound "
-                  "(1e-4 in float32, else twice the measured step-vs-batch logit noise):"]
+                  "(1e-4 in float32, else twice the measured logit noise between pass shapes, over the answer and at the "
+                  "divergence in duo's own verify pass):"]
         for r in wrong:
             checked = {x["prompt"]: x for x in r.extra.get("divergences", [])}
             lines.append(f"- {r.dataset} {r.method}: " + "; ".join(

@@ -37,6 +37,13 @@ def engine(pair, **kw):
     return Engine(str(pair.target_hf_dir), str(pair.draft_gguf), **kw)
 
 
+def stable_names(pair) -> None:
+    """Records are named by the clock and split() sides them by a hash of the name: renamed by their order,
+    the held-out set (and the agreement judged on it) is the same on every run."""
+    for i, f in enumerate(sorted((pair / "records").glob("*.npz"))):
+        f.rename(f.with_name(f"{i:03d}-0-{f.name.split('.')[0].rsplit('-', 1)[-1]}.npz"))
+
+
 def record(pair, n: int, max_new: int = 40) -> list:
     with engine(pair, record=True, adapter="off") as e:
         return [e.generate(p, max_new_tokens=max_new) for p in PROMPTS[:n]]
@@ -117,6 +124,7 @@ def test_adapt_raises_agreement_and_the_worker_swaps_the_adapter_in_without_rest
         assert e._draft.adapter is None
         record(tiny_pair, 24)
         pair = pair_dir("target_hf", tiny_pair.draft_gguf)
+        stable_names(pair)
         result, path = adapt_pair(pair, tiny_pair.draft_gguf, AdaptConfig(rank=8, alpha=16, epochs=8, lr=3e-3,
                                                                           bf16=False), held_out=0.25, progress=False)
         assert result.kept and path is not None, result.summary()

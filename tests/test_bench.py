@@ -185,3 +185,22 @@ def test_a_divergence_is_checked_against_the_near_tie_bound(tiny_pair):
     assert exact_cell(row) == "near-ties (1)"
     row.extra["divergences"][0]["near_tie"] = False
     assert exact_cell(row) == "NO (1)"
+
+
+def test_the_pass_shape_noise_compares_duos_own_verify_pass_with_the_step(tiny_pair):
+    """near_ties.pass_shape_noise: in float32 duo's verify passes (chains, a chain with siblings) give the
+    one-token step's logits at the divergence to rounding; a step that is off is measured as off."""
+    import torch
+    from bench.near_ties import pass_shape_noise
+    from duo import Engine
+
+    with Engine(str(tiny_pair.target_hf_dir), mode="target", device="cpu", progress=False, profile="off") as e:
+        tm = e.target
+        ids = e.encode("class Stack:")
+        x = torch.tensor([ids])
+        out = tm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=20, do_sample=False,
+                                eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        ref = out.sequences[0, len(ids):].tolist()
+        step = out.logits[18][0].float()
+        assert pass_shape_noise(tm, ids + ref[:18], step) < 1e-3
+        assert pass_shape_noise(tm, ids + ref[:18], step + 0.5) >= 0.5

@@ -160,6 +160,16 @@ def test_no_answer_finds_its_own_prompts_answer_in_the_output_cache(tiny_pair, p
     assert rows[0].extra["sources"]["cache"]["asked"] > 0
 
 
+def target_answer(e, prompt: str, n: int):
+    """(prompt ids, the target's greedy answer, its one-token logits per position), by transformers' generate."""
+    import torch
+    ids = e.encode(prompt)
+    x = torch.tensor([ids])
+    out = e.target.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    return ids, out.sequences[0, len(ids):].tolist(), [lg[0].float() for lg in out.logits]
+
+
 def test_a_divergence_is_checked_against_the_near_tie_bound(tiny_pair):
     """bench.near_ties.check finds where two answers part and judges the target's top-2 gap there."""
     import torch
@@ -168,16 +178,11 @@ def test_a_divergence_is_checked_against_the_near_tie_bound(tiny_pair):
     from duo import Engine
 
     with Engine(str(tiny_pair.target_hf_dir), mode="target", device="cpu", progress=False, profile="off") as e:
-        tm = e.target
-        ids = e.encode("def fib(n):")
-        x = torch.tensor([ids])
-        out = tm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
-                                eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-        ref = out.sequences[0, len(ids):].tolist()
-        second = int(torch.topk(out.logits[5][0].float(), 2).indices[1])
+        ids, ref, logits = target_answer(e, "def fib(n):", 12)
+        second = int(torch.topk(logits[5], 2).indices[1])
         got = ref[:5] + [second] + ref[6:]
-        d = check(tm, ids, got, ref)
-        gap = float(torch.topk(out.logits[5][0].float(), 2).values.diff().abs())
+        d = check(e.target, ids, got, ref)
+        gap = float(torch.topk(logits[5], 2).values.diff().abs())
     assert (d.position, d.duo, d.ref) == (5, second, ref[5])
     assert d.gap == pytest.approx(gap, abs=1e-5) and d.bound == NEAR_TIE   # float32: the fixed rule
     assert d.near_tie == (gap < NEAR_TIE)
@@ -190,17 +195,10 @@ def test_a_divergence_is_checked_against_the_near_tie_bound(tiny_pair):
 def test_the_pass_shape_noise_compares_duos_own_verify_pass_with_the_step(tiny_pair):
     """near_ties.pass_shape_noise: in float32 duo's verify passes (chains, a chain with siblings) give the
     one-token step's logits at the divergence to rounding; a step that is off is measured as off."""
-    import torch
     from bench.near_ties import pass_shape_noise
     from duo import Engine
 
     with Engine(str(tiny_pair.target_hf_dir), mode="target", device="cpu", progress=False, profile="off") as e:
-        tm = e.target
-        ids = e.encode("class Stack:")
-        x = torch.tensor([ids])
-        out = tm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=20, do_sample=False,
-                                eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-        ref = out.sequences[0, len(ids):].tolist()
-        step = out.logits[18][0].float()
-        assert pass_shape_noise(tm, ids + ref[:18], step) < 1e-3
-        assert pass_shape_noise(tm, ids + ref[:18], step + 0.5) >= 0.5
+        ids, ref, logits = target_answer(e, "class Stack:", 20)
+        assert pass_shape_noise(e.target, ids + ref[:18], logits[18]) < 1e-3
+        assert pass_shape_noise(e.target, ids + ref[:18], logits[18] + 0.5) >= 0.5

@@ -59,16 +59,20 @@ def pass_shape_noise(tm, seq: list[int], step) -> float:
 
     out = 0.0
     shapes = [(w, 0) for w in (2, 4, 8, 16)] + [(8, 8)]
+    base = max(1, len(seq) - max(w for w, _ in shapes))   # prefilled once; each pass's cache is cut back to it
     with torch.inference_mode():
+        cache = tm.new_cache()
+        tm.prefill(cache, seq[:base])
         for w, siblings in shapes:
             s = len(seq) - w                       # the pass's root; the cache holds seq[:s]
-            if s < 1:
+            if s < base:
                 continue
+            if s > base:
+                tm.prefill(cache, seq[base:s])
             chain = seq[s + 1:]
             tokens = chain + [(seq[-1] + 1 + i) % tm.vocab_size for i in range(siblings)]
             parents = list(range(-1, len(chain) - 1)) + [-1] * siblings
-            cache = tm.new_cache()
-            tm.prefill(cache, seq[:s])
             logits = tm.forward_tree(cache, seq[s], Tree(tokens, parents, [1.0] * len(tokens)))
             out = max(out, float((logits[len(chain)].float().to(step.device) - step).abs().max()))
+            tm.compact_cache(cache, base, [])
     return out

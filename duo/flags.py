@@ -82,7 +82,8 @@ def add_model_flags(p) -> None:
 
 def add_draft_quant_flag(g) -> None:
     """--draft-quant: the draft's weights as given or as a Q4_0 copy (duo.draft_quant)."""
-    g.add_argument("--draft-quant", choices=["auto", "keep", "q4_0"], default="auto", metavar="Q",
+    from .draft_quant import SETTINGS
+    g.add_argument("--draft-quant", choices=SETTINGS, default="auto", metavar="Q",
                    help="draft weights: auto (a Q4_0 copy if measured faster), keep, q4_0")
 
 

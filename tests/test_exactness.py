@@ -58,6 +58,20 @@ def cut_at_eos(tokens, eos_ids):
     return tokens
 
 
+def greedy_runs(engine, prompts, max_new: int) -> list:
+    """engine.generate on each prompt, each checked against the target alone (near-tie rule) and run with a
+    live draft (no fallback); returns the results."""
+    out = []
+    for p in prompts:
+        ids = engine.encode(p)
+        res = engine.generate(p, max_new_tokens=max_new)
+        ref, logits = reference_greedy(engine.target, ids, max_new)
+        assert_exact_or_near_tie(res.token_ids, cut_at_eos(ref, engine.target.eos_ids), logits, what=repr(p))
+        assert res.stats["fallback"] is None, res.stats["fallback"]
+        out.append(res)
+    return out
+
+
 def assert_exact_or_near_tie(got, ref, ref_logits, what="", bound=NEAR_TIE):
     """got == ref, or they part at a position where the reference's top-2 logits are within `bound` (1e-4 in
     fp32) and got's token is one of the two. Returns (position, gap) of such a near-tie, or None."""

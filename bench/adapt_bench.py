@@ -2,18 +2,21 @@
 prompts of the same dataset before and after, side by side in one run, on one engine (the target untouched).
 
     python -m bench.adapt_bench --dataset gsm8k,mt-bench [--train 100] [--test 20] [-n 128] [--seed 0]
-                                [--dtype bfloat16] [--max-minutes 20] [--json PATH]
+                                [--dtype bfloat16] [--max-minutes 20] [--lr 3e-4] [--rank 16] [--json PATH]
+                                [--install gsm8k]
 
 Per dataset: the prompts shuffled by --seed, the first --test held out, the next --train recorded (greedy,
 duo's own decoding, the target's top-10 kept) into a buffer of this run's own (never the user's pair
 buffer), an adapter trained on it, and the held-out prompts decoded with the plain draft and with the
 adapter. Reported: P(depth >= d), mean accepted length, acceptance, tok/s before/after, the training's
-time and memory, the recording overhead (its share of the recorded generations' time).
+time and memory, the recording overhead (its share of the recorded generations' time). --install NAME makes
+the adapter learned on dataset NAME (when kept) the pair's accepted one, so `--adapter auto` uses it afterwards.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -65,15 +68,27 @@ def run_dataset(engine, name: str, args, work: Path, log) -> dict:
     duo_sample(engine, test_ids[0], 16, retrieval=False, remember=False)          # warm-up
     before = decode(test_ids, "before")
     pair = work / name
-    engine.adaptation.buffer = RecordBuffer(pair)                                  # this run's own buffer
-    t0 = time.perf_counter()
-    recorded = decode(train_ids, "recording")
-    record_wall = time.perf_counter() - t0
-    engine.adaptation.buffer = None
-    record_s = sum(s.stats["record_s"] for s in recorded)
-    rounds = sum(s.stats["rounds"] for s in recorded)
-    cfg = AdaptConfig(max_minutes=args.max_minutes, epochs=args.epochs, seed=args.seed)
-    result, path = adapt_pair(pair, engine.draft_ref.gguf, cfg, progress=sys.stderr.isatty())
+    recording = None
+    if args.records:                                   # the train prompts' records of an earlier run, reused
+        shutil.copytree(Path(args.records) / name / "records", pair / "records")
+        log(f"  reusing {len(list((pair / 'records').glob('*.npz')))} records from {args.records}/{name}")
+    else:
+        engine.adaptation.buffer = RecordBuffer(pair)                              # this run's own buffer
+        t0 = time.perf_counter()
+        recorded = decode(train_ids, "recording")
+        record_wall = time.perf_counter() - t0
+        engine.adaptation.buffer = None
+        record_s = sum(s.stats["record_s"] for s in recorded)
+        rounds = sum(s.stats["rounds"] for s in recorded)
+        recording = {"record_s": record_s, "rounds": rounds, "wall_s": record_wall,
+                     "ms_per_round": 1e3 * record_s / max(1, rounds),
+                     "share_of_time": record_s / sum(s.wall_s for s in recorded)}
+        if args.keep_records:
+            shutil.copytree(pair / "records", Path(args.keep_records) / name / "records", dirs_exist_ok=True)
+    cfg = AdaptConfig(max_minutes=args.max_minutes, epochs=args.epochs, seed=args.seed, lr=args.lr, rank=args.rank,
+                      alpha=2.0 * args.rank, rejected_weight=args.rejected_weight)
+    # the draft's own file (not a Q4_0 copy run for speed): what its adapters belong to
+    result, path = adapt_pair(pair, engine.adaptation.draft_gguf, cfg, progress=sys.stderr.isatty())
     log(f"  adapt: {result.summary()}")
     after = None
     if path is not None:
@@ -85,10 +100,22 @@ def run_dataset(engine, name: str, args, work: Path, log) -> dict:
     return {"dataset": name, "train_prompts": len(train_ids), "test_prompts": len(test_ids),
             "before": summarise(before), "after": summarise(after) if after else None, "same_tokens": exact,
             "adapt": result.summary(), "adapter": str(path) if path else None,
-            "adapter_bytes": path.stat().st_size if path else 0,
-            "recording": {"record_s": record_s, "rounds": rounds, "wall_s": record_wall,
-                          "ms_per_round": 1e3 * record_s / max(1, rounds),
-                          "share_of_time": record_s / sum(s.wall_s for s in recorded)}}
+            "adapter_bytes": path.stat().st_size if path else 0, "recording": recording,
+            "settings": {"lr": cfg.lr, "rank": cfg.rank, "epochs": cfg.epochs, "rejected_weight": cfg.rejected_weight}}
+
+
+def install(engine, row: dict) -> str:
+    """Copy the row's kept adapter into the pair's own adapters and make it the latest (`--adapter auto`)."""
+    import shutil
+
+    from duo.adapt import store
+    if not row["adapter"]:
+        return "nothing (the adapter was not kept)"
+    pair = engine.adaptation.pair
+    dest = store.new_adapter_path(pair)
+    shutil.copyfile(row["adapter"], dest)
+    store.accept(pair, dest, {**row["adapt"], "source": f"bench.adapt_bench on {row['dataset']}"})
+    return str(dest)
 
 
 def report(rows: list[dict]) -> str:
@@ -109,14 +136,17 @@ def report(rows: list[dict]) -> str:
                    f"{a['steps']} steps on {a['train_records']} records ({a['train_tokens']} tokens), loss "
                    f"{a['loss_first']:.3f} -> {a['loss_last']:.3f}, {a['wall_s']:.0f} s, peak memory "
                    f"{a['peak_rss_mib'] / 1024:.2f} GiB; agreement {a['agreement_before']:.3f} -> "
-                   f"{a['agreement_after']:.3f} (held-out records); adapter {r['adapter_bytes'] / 2**20:.1f} MiB; "
-                   f"recording {rec['ms_per_round']:.2f} ms per round = {100 * rec['share_of_time']:.2f}% of the time")
+                   f"{a['agreement_after']:.3f} (held-out records; per epoch "
+                   f"{', '.join(f'{x:.3f}' for x in a.get('epoch_agreement', []))}); adapter {r['adapter_bytes'] / 2**20:.1f} MiB; "
+                   + (f"recording {rec['ms_per_round']:.2f} ms per round = {100 * rec['share_of_time']:.2f}% of the time"
+                      if rec else "records reused from an earlier run"))
         out.append("")
     return "\n".join(out)
 
 
 def main(argv=None) -> int:
     from duo import Engine
+    from duo.adapt.train import AdaptConfig
 
     ap = argparse.ArgumentParser(prog="python -m bench.adapt_bench")
     ap.add_argument("--dataset", default="gsm8k,mt-bench")
@@ -126,11 +156,19 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--max-minutes", type=float, default=20.0)
+    ap.add_argument("--lr", type=float, default=AdaptConfig.lr)
+    ap.add_argument("--rank", type=int, default=AdaptConfig.rank)
     ap.add_argument("--model")
     ap.add_argument("--draft")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--rejected-weight", type=float, default=AdaptConfig.rejected_weight)
+    ap.add_argument("--records", metavar="DIR", help="reuse DIR/<dataset>/records (an earlier --keep-records) instead of recording")
+    ap.add_argument("--keep-records", metavar="DIR", help="copy this run's records to DIR/<dataset>/records")
+    ap.add_argument("--install", metavar="DATASET", help="make that dataset's kept adapter the pair's accepted one")
     args = ap.parse_args(argv)
+    if args.install and args.install not in args.dataset.split(","):
+        ap.error(f"--install {args.install}: not one of --dataset {args.dataset}")
     log = lambda m: print(m, file=sys.stderr, flush=True)   # noqa: E731
     rows = []
     with tempfile.TemporaryDirectory(prefix="duo-adapt-bench-") as work, \
@@ -139,6 +177,8 @@ def main(argv=None) -> int:
             rows.append(run_dataset(engine, name, args, Path(work), log))
             if args.json:
                 Path(args.json).write_text(json.dumps(rows, indent=1))
+            if name == args.install:
+                log(f"  installed: {install(engine, rows[-1])}")
     print(report(rows))
     return 0
 

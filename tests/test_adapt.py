@@ -129,6 +129,8 @@ def test_adapt_raises_agreement_and_the_worker_swaps_the_adapter_in_without_rest
                                                                           bf16=False), held_out=0.25, progress=False)
         assert result.kept and path is not None, result.summary()
         assert result.agreement_after > result.agreement_before and result.loss_last < result.loss_first
+        assert len(result.epoch_agreement) == 8 and result.agreement_after == max(result.epoch_agreement)  # the best epoch
+        assert result.best_step > 0 and result.best_step % result.train_records == 0
         assert store.latest(pair) == path
         after = [e.generate(p, max_new_tokens=40) for p in PROMPTS[:2]]  # auto: picked up at the next generation
         assert e._draft.adapter == str(path) and e._draft._proc.pid == pid   # swapped in the running worker

@@ -91,6 +91,9 @@ def format_result(r: dict) -> str:
         f"agreement  {r['agreement_before']:.3f} -> {r['agreement_after']:.3f} on held-out tokens "
         f"({r['rejected_before']:.3f} -> {r['rejected_after']:.3f} where the draft had been rejected)",
     ]
+    if len(r.get("epoch_agreement", [])) > 1:
+        lines.append("per epoch  " + ", ".join(f"{a:.3f}" for a in r["epoch_agreement"])
+                     + (f" (kept the adapter of step {r['best_step']})" if r["adapter"] else ""))
     if r["interrupted"]:
         lines.append("stopped    interrupted: `duo adapt` resumes from the checkpoint; the accepted adapter is unchanged")
     elif r["adapter"]:

@@ -7,8 +7,8 @@ was rejected (OSD's positions), 1 elsewhere:
     loss = sum_i w_i * ( -log q(t_i)  +  top_k_weight * -sum_{k in topK} p_k log q_k ) / sum_i w_i
 
 Agreement, the number that decides: the share of held-out answer tokens where the draft's argmax is the
-target's token (teacher-forced), before (adapter disabled) and after. The adapter is kept only if it
-rises. Checkpoints every `checkpoint_every` steps make a stopped run resumable (same records, same
+target's token (teacher-forced), before (adapter disabled) and after each epoch. The best epoch's adapter
+is kept, and only if it beats the plain draft (early stopping on the held-out records). Checkpoints every `checkpoint_every` steps make a stopped run resumable (same records, same
 settings); Ctrl-C saves one and leaves the pair's accepted adapter as it was.
 """
 from __future__ import annotations
@@ -61,6 +61,8 @@ class AdaptResult:
     wall_s: float
     peak_rss_mib: float
     resumed_from: int = 0         # the step a checkpoint resumed at (0: a fresh run)
+    epoch_agreement: list = field(default_factory=list)   # held-out agreement after each epoch (or the time limit)
+    best_step: int = 0            # the step whose adapter is kept (or would have been)
     interrupted: bool = False
     lora: dict = field(default_factory=dict, repr=False)   # module -> (A, B) numpy, when kept
 
@@ -201,6 +203,18 @@ def train_adapter(draft_gguf: Path, train: list[Record], test: list[Record], cfg
                     "losses": losses}, ckpt.with_suffix(".part"))
         ckpt.with_suffix(".part").replace(ckpt)
 
+    best = {"agreement": before, "rejected": rej_before, "step": 0, "lora": {}}
+    epochs_seen, last = [], {}
+
+    def evaluate():                   # held-out agreement now; remember the best adapter so far
+        peft_model.eval()
+        ag, rej = agreement(peft_model, test, cfg, device)
+        epochs_seen.append(ag)
+        last["seen"] = (ag, rej)
+        if ag > best["agreement"]:
+            best.update(agreement=ag, rejected=rej, step=step, lora=lora_weights(peft_model))
+        peft_model.train()
+
     bar = tqdm(total=total, initial=step, desc="duo adapt", unit="rec", disable=not progress, dynamic_ncols=True)
     peft_model.train()
     try:
@@ -217,20 +231,25 @@ def train_adapter(draft_gguf: Path, train: list[Record], test: list[Record], cfg
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
             if step % cfg.checkpoint_every == 0:
                 save_checkpoint()
+            if step % len(train) == 0 and step < total:
+                evaluate()
     except KeyboardInterrupt:
         interrupted = True
         save_checkpoint()
     finally:
         bar.close()
+    if not interrupted:
+        evaluate()
     peft_model.eval()
-    after, rej_after = (before, rej_before) if interrupted else agreement(peft_model, test, cfg, device)
-    kept = not interrupted and after > before
+    kept = not interrupted and best["agreement"] > before
+    after, rej_after = (best["agreement"], best["rejected"]) if kept else last.get("seen", (before, rej_before))
     result = AdaptResult(kept=kept, agreement_before=before, agreement_after=after, rejected_before=rej_before,
                          rejected_after=rej_after, steps=step, train_records=len(train), test_records=len(test),
                          train_tokens=sum(r.n_out for r in train), loss_first=float(np.mean(losses[:10])) if losses else 0.0,
                          loss_last=float(np.mean(losses[-10:])) if losses else 0.0, wall_s=time.perf_counter() - t0,
                          peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, resumed_from=resumed,
-                         interrupted=interrupted, lora=lora_weights(peft_model) if kept else {})
+                         interrupted=interrupted, epoch_agreement=epochs_seen, best_step=best["step"],
+                         lora=best["lora"] if kept else {})
     if not interrupted:
         ckpt.unlink(missing_ok=True)       # finished: the next run starts afresh
     return result

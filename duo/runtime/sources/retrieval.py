@@ -25,31 +25,32 @@ def continuation_tree(conts: np.ndarray, trust: float, max_nodes: int, source: s
         return Tree.empty()
     tokens, parents, counts = [], [], []
     child: dict[tuple[int, int], int] = {}     # (parent node, token) -> node
-    for row in conts:
+    for row in conts.tolist():                  # Python ints (walking numpy scalars costs more)
         cur = -1
         for tok in row:
             if tok < 0:
                 break
-            key = (cur, int(tok))
+            key = (cur, tok)
             node = child.get(key)
             if node is None:
                 node = child[key] = len(tokens)
                 tokens.append(int(tok)); parents.append(cur); counts.append(0)
             counts[node] += 1
             cur = node
-    counts = np.asarray(counts, np.float64)
-    total = np.array([counts[p] if p >= 0 else len(conts) for p in parents])
+    counts, par_all = np.asarray(counts, np.float64), np.asarray(parents)
+    total = np.where(par_all >= 0, counts[np.maximum(par_all, 0)], len(conts))
     share = counts / total                                   # P(child | parent) among the continuations
     probs = share * trust
-    keep = share >= min_share
+    keep = (share >= min_share).tolist()
     for k, p in enumerate(parents):                          # a pruned parent takes its subtree along
-        if p >= 0 and not keep[p]:
+        if p >= 0 and not keep[p]:                           # (parents come before their children)
             keep[k] = False
+    keep = np.asarray(keep)
     idx = np.flatnonzero(keep)
     if len(idx) == 0:
         return Tree.empty()
     new_index = np.cumsum(keep) - 1
-    par = np.asarray(parents)[idx]
+    par = par_all[idx]
     par = np.where(par < 0, -1, new_index[np.maximum(par, 0)])
     tree = Tree(np.asarray(tokens)[idx], par, probs[idx], np.full(len(idx), SOURCE_IDS[source], np.int8))
     return top_nodes(tree, max_nodes)

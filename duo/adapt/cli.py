@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
     a.add_argument("--model", "-m", metavar="M", help="target: alias, GGUF file or HF directory (default: the default)")
     a.add_argument("--draft", "-d", metavar="D", help="draft: alias or GGUF file (default: the default)")
     a.add_argument("--epochs", type=number(int, ">= 1", lo=1), default=2, metavar="N", help="passes over the records (default 2)")
-    a.add_argument("--rank", type=number(int, ">= 1", lo=1), default=16, metavar="R", help="LoRA rank (default 16)")
+    a.add_argument("--rank", type=number(int, ">= 1", lo=1), default=8, metavar="R", help="LoRA rank (default 8)")
     a.add_argument("--max-minutes", type=number(float, "> 0", lo=0, lo_open=True), default=20.0, metavar="M",
                    help="stop training after M minutes, then evaluate (default 20)")
     a.add_argument("--held-out", type=number(float, "in (0, 0.9]", lo=0, hi=0.9, lo_open=True), default=0.2,

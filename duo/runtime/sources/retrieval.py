@@ -37,7 +37,9 @@ def continuation_tree(conts: np.ndarray, trust: float, max_nodes: int, source: s
                 tokens.append(int(tok)); parents.append(cur); counts.append(0)
             counts[node] += 1
             cur = node
-    counts, par_all = np.asarray(counts, np.float64), np.asarray(parents)
+    if not tokens:                                           # every row ended at once (a document's end)
+        return Tree.empty()
+    counts, par_all = np.asarray(counts, np.float64), np.asarray(parents, np.int64)
     total = np.where(par_all >= 0, counts[np.maximum(par_all, 0)], len(conts))
     share = counts / total                                   # P(child | parent) among the continuations
     probs = share * trust

@@ -30,6 +30,8 @@ def test_continuation_tree_counts_shares_and_prunes_rare_branches():
     assert set(tree.source) == {SOURCE_IDS["datastore"]}
     small = continuation_tree(conts, 1.0, max_nodes=2, source="datastore")
     assert list(small.tokens) == [5, 6] and list(small.parents) == [-1, 0]   # the best nodes, still a tree
+    ended = continuation_tree(np.full((4, 3), -1), 1.0, 8, "datastore")      # every match at a document's end
+    assert len(ended) == 0
 
 
 def test_retrieve_continues_the_longest_match():

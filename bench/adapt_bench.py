@@ -2,7 +2,7 @@
 prompts of the same dataset before and after, side by side in one run, on one engine (the target untouched).
 
     python -m bench.adapt_bench --dataset gsm8k,mt-bench [--train 100] [--test 20] [-n 128] [--seed 0]
-                                [--dtype bfloat16] [--max-minutes 20] [--lr 3e-4] [--rank 16] [--json PATH]
+                                [--dtype bfloat16] [--max-minutes 20] [--lr 1e-4] [--rank 8] [--json PATH]
                                 [--install gsm8k]
 
 Per dataset: the prompts shuffled by --seed, the first --test held out, the next --train recorded (greedy,
@@ -106,8 +106,6 @@ def run_dataset(engine, name: str, args, work: Path, log) -> dict:
 
 def install(engine, row: dict) -> str:
     """Copy the row's kept adapter into the pair's own adapters and make it the latest (`--adapter auto`)."""
-    import shutil
-
     from duo.adapt import store
     if not row["adapter"]:
         return "nothing (the adapter was not kept)"

@@ -8,8 +8,8 @@ was rejected (OSD's positions), 1 elsewhere:
 
 Agreement, the number that decides: the share of held-out answer tokens where the draft's argmax is the
 target's token (teacher-forced), before (adapter disabled) and after each epoch. The best epoch's adapter
-is kept, and only if it beats the plain draft (early stopping on the held-out records). Checkpoints every `checkpoint_every` steps make a stopped run resumable (same records, same
-settings); Ctrl-C saves one and leaves the pair's accepted adapter as it was.
+is kept, and only if it beats the plain draft (early stopping on the held-out records). Checkpoints every
+`checkpoint_every` steps make a stopped run resumable (same records, same settings); Ctrl-C saves one and leaves the pair's accepted adapter as it was.
 """
 from __future__ import annotations
 
@@ -204,13 +204,12 @@ def train_adapter(draft_gguf: Path, train: list[Record], test: list[Record], cfg
         ckpt.with_suffix(".part").replace(ckpt)
 
     best = {"agreement": before, "rejected": rej_before, "step": 0, "lora": {}}
-    epochs_seen, last = [], {}
+    seen = []                         # (agreement, at rejected positions) after each epoch
 
     def evaluate():                   # held-out agreement now; remember the best adapter so far
         peft_model.eval()
         ag, rej = agreement(peft_model, test, cfg, device)
-        epochs_seen.append(ag)
-        last["seen"] = (ag, rej)
+        seen.append((ag, rej))
         if ag > best["agreement"]:
             best.update(agreement=ag, rejected=rej, step=step, lora=lora_weights(peft_model))
         peft_model.train()
@@ -242,13 +241,13 @@ def train_adapter(draft_gguf: Path, train: list[Record], test: list[Record], cfg
         evaluate()
     peft_model.eval()
     kept = not interrupted and best["agreement"] > before
-    after, rej_after = (best["agreement"], best["rejected"]) if kept else last.get("seen", (before, rej_before))
+    after, rej_after = (best["agreement"], best["rejected"]) if kept else (seen or [(before, rej_before)])[-1]
     result = AdaptResult(kept=kept, agreement_before=before, agreement_after=after, rejected_before=rej_before,
                          rejected_after=rej_after, steps=step, train_records=len(train), test_records=len(test),
                          train_tokens=sum(r.n_out for r in train), loss_first=float(np.mean(losses[:10])) if losses else 0.0,
                          loss_last=float(np.mean(losses[-10:])) if losses else 0.0, wall_s=time.perf_counter() - t0,
                          peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, resumed_from=resumed,
-                         interrupted=interrupted, epoch_agreement=epochs_seen, best_step=best["step"],
+                         interrupted=interrupted, epoch_agreement=[a for a, _ in seen], best_step=best["step"],
                          lora=best["lora"] if kept else {})
     if not interrupted:
         ckpt.unlink(missing_ok=True)       # finished: the next run starts afresh

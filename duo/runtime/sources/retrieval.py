@@ -34,7 +34,7 @@ def continuation_tree(conts: np.ndarray, trust: float, max_nodes: int, source: s
             node = child.get(key)
             if node is None:
                 node = child[key] = len(tokens)
-                tokens.append(int(tok)); parents.append(cur); counts.append(0)
+                tokens.append(tok); parents.append(cur); counts.append(0)
             counts[node] += 1
             cur = node
     if not tokens:                                           # every row ended at once (a document's end)

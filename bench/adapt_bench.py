@@ -8,7 +8,9 @@ prompts of the same dataset before and after, side by side in one run, on one en
 Per dataset: the prompts shuffled by --seed, the first --test held out, the next --train recorded (greedy,
 duo's own decoding, the target's top-10 kept) into a buffer of this run's own (never the user's pair
 buffer), an adapter trained on it, and the held-out prompts decoded with the plain draft and with the
-adapter. Reported: P(depth >= d), mean accepted length, acceptance, tok/s before/after, the training's
+adapter (merged into the draft's weights where the worker runs a Q4_0 draft; --lora-row adds a row with
+the same adapter applied as a LoRA at run time). Every after row that parts from the before row is
+checked by the near-tie rule. Reported: P(depth >= d), mean accepted length, acceptance, tok/s before/after, the training's
 time and memory, the recording overhead (its share of the recorded generations' time). --install NAME makes
 the adapter learned on dataset NAME (when kept) the pair's accepted one, so `--adapter auto` uses it afterwards.
 """
@@ -90,18 +92,36 @@ def run_dataset(engine, name: str, args, work: Path, log) -> dict:
     # the draft's own file (not a Q4_0 copy run for speed): what its adapters belong to
     result, path = adapt_pair(pair, engine.adaptation.draft_gguf, cfg, progress=sys.stderr.isatty())
     log(f"  adapt: {result.summary()}")
-    after = None
+    after = after_lora = None
     if path is not None:
         engine.adaptation.adapter = str(path)
-        duo_sample(engine, test_ids[0], 16, retrieval=False, remember=False)      # warm-up, adapter on
+        duo_sample(engine, test_ids[0], 16, retrieval=False, remember=False)      # warm-up (merges), adapter on
         after = decode(test_ids, "after")
+        if args.lora_row and engine.adaptation.merge:                            # the same adapter as a LoRA
+            engine.adaptation.merge = False
+            duo_sample(engine, test_ids[0], 16, retrieval=False, remember=False)
+            after_lora = decode(test_ids, "after (LoRA)")
+            engine.adaptation.merge = True
         engine.adaptation.adapter = "off"
-    exact = after is None or all(a.tokens == b.tokens for a, b in zip(before, after))
+        duo_sample(engine, test_ids[0], 4, retrieval=False, remember=False)      # back to the plain draft
+    divergences = [divergence(engine, i, test_ids[i], b.tokens, a.tokens) for rows in (after, after_lora) if rows
+                   for i, (a, b) in enumerate(zip(before, rows)) if a.tokens != b.tokens]
     return {"dataset": name, "train_prompts": len(train_ids), "test_prompts": len(test_ids),
-            "before": summarise(before), "after": summarise(after) if after else None, "same_tokens": exact,
+            "before": summarise(before), "after": summarise(after) if after else None,
+            "after_lora": summarise(after_lora) if after_lora else None,
+            "same_tokens": not divergences, "divergences": divergences,
+            "applied_as": "merged" if engine.adaptation.merge else "LoRA",
             "adapt": result.summary(), "adapter": str(path) if path else None,
             "adapter_bytes": path.stat().st_size if path else 0, "recording": recording,
             "settings": {"lr": cfg.lr, "rank": cfg.rank, "epochs": cfg.epochs, "rejected_weight": cfg.rejected_weight}}
+
+
+def divergence(engine, i: int, ids: list[int], after: list[int], before: list[int]) -> dict:
+    """Where an after row parts from the before row, judged by the near-tie rule at the target's one-token
+    decoding there (bench.near_ties: the target is the same in both rows, only the draft changed)."""
+    from .near_ties import check
+    d = check(engine.target, ids, after, before)
+    return {"prompt": i, "position": d.position, "gap": d.gap, "bound": d.bound, "near_tie": d.near_tie}
 
 
 def install(engine, row: dict) -> str:
@@ -120,17 +140,23 @@ def report(rows: list[dict]) -> str:
     out = ["| dataset | | tok/s | mean accepted len | acceptance | P(d>=1) | P(d>=2) | P(d>=3) | P(d>=4) |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        for when in ("before", "after"):
-            s = r[when]
+        for when in ("before", "after", "after_lora"):
+            s = r.get(when)
             if s is None:
-                out.append(f"| {r['dataset']} | after | (adapter not kept) | | | | | | |")
+                if when == "after":
+                    out.append(f"| {r['dataset']} | after | (adapter not kept) | | | | | | |")
                 continue
-            out.append(f"| {r['dataset']} | {when} | {s['tokens_per_s']:.2f} | {s['mean_accepted_len']:.2f} | "
+            label = {"after": f"after ({r.get('applied_as', 'LoRA')})", "after_lora": "after (LoRA)"}.get(when, when)
+            out.append(f"| {r['dataset']} | {label} | {s['tokens_per_s']:.2f} | {s['mean_accepted_len']:.2f} | "
                        f"{s['acceptance']:.2f} | " + " | ".join(f"{p:.2f}" for p in s["p_depth"][:4]) + " |")
         a, rec = r["adapt"], r["recording"]
         gain = (r["after"]["tokens_per_s"] / r["before"]["tokens_per_s"]) if r["after"] else float("nan")
         out.append("")
-        out.append(f"{r['dataset']}: speed after/before {gain:.3f}x, same tokens {r['same_tokens']}; training "
+        ties = r.get("divergences", [])
+        out.append(f"{r['dataset']}: speed after/before {gain:.3f}x, same tokens {r['same_tokens']}"
+                   + "".join(f"; prompt {d['prompt']} parts at token {d['position']}: gap {d['gap']:.3g} vs bound "
+                             f"{d['bound']:.3g} -> {'near-tie' if d['near_tie'] else 'NOT a near-tie'}" for d in ties)
+                   + "; training "
                    f"{a['steps']} steps on {a['train_records']} records ({a['train_tokens']} tokens), loss "
                    f"{a['loss_first']:.3f} -> {a['loss_last']:.3f}, {a['wall_s']:.0f} s, peak memory "
                    f"{a['peak_rss_mib'] / 1024:.2f} GiB; agreement {a['agreement_before']:.3f} -> "
@@ -164,6 +190,7 @@ def main(argv=None) -> int:
     ap.add_argument("--records", metavar="DIR", help="reuse DIR/<dataset>/records (an earlier --keep-records) instead of recording")
     ap.add_argument("--keep-records", metavar="DIR", help="copy this run's records to DIR/<dataset>/records")
     ap.add_argument("--install", metavar="DATASET", help="make that dataset's kept adapter the pair's accepted one")
+    ap.add_argument("--lora-row", action="store_true", help="also decode with the adapter applied as a LoRA")
     args = ap.parse_args(argv)
     if args.install and args.install not in args.dataset.split(","):
         ap.error(f"--install {args.install}: not one of --dataset {args.dataset}")

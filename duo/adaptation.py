@@ -3,6 +3,9 @@ the LoRA adapter its draft worker applies, and the background adaptation of onli
 
     adapter   "auto": the pair's latest accepted adapter, looked up again before every generation (a new
               one from `duo adapt` or online mode is swapped in at the next generation); a path; "off"
+    merge     where the worker runs a Q4_0 draft: the adapter merged into a Q4_0 copy of the draft
+              (adapt/merge.py, made once per adapter) that the worker restarts on, at the plain draft's
+              speed; otherwise (or if merging fails) llama.cpp applies it as a LoRA in the running worker
     record    each generation's tokens, the target's top-K per token and the draft's rejections, appended
               to <cache>/adapt/<pair>/records (duo/adapt/buffer.py)
     online    with record: a background `duo adapt` whenever enough new records came in, run while the
@@ -39,21 +42,28 @@ class Adaptation:
     draft_gguf: Path | None = None
     buffer: object = None           # adapt.buffer.RecordBuffer when recording
     online: object = None           # adapt.online.OnlineAdapter in online mode
+    run_gguf: Path | None = None    # the file the worker runs without an adapter (the draft or its Q4_0 copy)
+    merge: bool = False             # apply adapters merged into a Q4_0 draft (run_gguf is Q4_0)
+    applied: str | None = None      # the adapter in effect for the current generation
+    progress: bool = False
 
     @classmethod
     def open(cls, adapter: str, record: bool, online: bool, target_name: str, draft_gguf: Path | None,
-             ) -> "Adaptation":
+             run_gguf: Path | None = None, progress: bool = False) -> "Adaptation":
         from .adapt import store
         from .adapt.buffer import RecordBuffer, pair_dir
         if draft_gguf is None:
             return cls(adapter=str(adapter))
         pair = pair_dir(target_name, draft_gguf)
         store.resolve(adapter, pair, draft_gguf)      # a bad PATH is refused now, before anything runs
+        from .draft_quant import q4_0_share
+        run_gguf = Path(run_gguf or draft_gguf)
         a = cls(adapter=str(adapter), pair=pair, draft_gguf=Path(draft_gguf),
-                buffer=RecordBuffer(pair) if record else None)
+                buffer=RecordBuffer(pair) if record else None, run_gguf=run_gguf,
+                merge=q4_0_share(run_gguf) > 0.5, progress=progress)
         if online:
             from .adapt.online import OnlineAdapter
-            a.online = OnlineAdapter(pair, draft_gguf)
+            a.online = OnlineAdapter(pair, draft_gguf, merge=a.merge)
         return a
 
     @property
@@ -69,13 +79,34 @@ class Adaptation:
         if draft is None or self.pair is None:
             return
         want = store.resolve(self.adapter, self.pair, self.draft_gguf)
-        want = str(want) if want is not None else None
-        if want != draft.adapter:
+        model, lora = self.wanted(want)
+        if (model, lora) == (draft.cfg.gguf_path, draft.adapter):
+            return
+        try:
+            if model != draft.cfg.gguf_path:
+                draft.set_model(model)
+            if lora != draft.adapter:
+                draft.set_adapter(lora)
+            self.applied = str(want) if want is not None else None
+            log.info("draft adapter: %s", f"{want} ({'a LoRA' if lora else 'merged'})" if want else "none")
+        except Exception as e:  # noqa: BLE001 - the draft only loses speed; said once, plainly
+            self.applied = None
+            log.warning("the draft worker could not apply the adapter %s (%s): drafting without it", want, e)
+            if draft.cfg.gguf_path != str(self.run_gguf):
+                draft.set_model(str(self.run_gguf))
+
+    def wanted(self, want: Path | None) -> tuple[str, str | None]:
+        """(the GGUF the worker should run, the LoRA it should apply) for the adapter `want`."""
+        plain = str(self.run_gguf)
+        if want is None:
+            return plain, None
+        if self.merge:
+            from .adapt.merge import merged_draft
             try:
-                draft.set_adapter(want)
-                log.info("draft adapter: %s", want or "none")
-            except Exception as e:  # noqa: BLE001 - the draft only loses speed; said once, plainly
-                log.warning("the draft worker could not apply the adapter %s (%s): drafting without it", want, e)
+                return str(merged_draft(self.draft_gguf, want, self.progress)), None
+            except Exception as e:  # noqa: BLE001 - the LoRA at run time does the same, only slower
+                log.warning("could not merge the adapter %s into the draft (%s): applying it as a LoRA", want, e)
+        return plain, str(want)
 
     def after_generation(self, tokens: list[int], n_prompt: int, stats) -> None:
         """Record the generation (when recording) and let online mode train while the engine is idle."""

@@ -62,19 +62,24 @@ def q4_0_copy(src: Path, progress: bool = True) -> Path:
         if progress:
             print(f"duo: making a Q4_0 copy of the draft {src.name} (once; --draft-quant keep skips it)...",
                   file=sys.stderr, flush=True)
-        tmp = dst.with_suffix(".partial")
-        try:
-            proc = subprocess.run([sys.executable, "-m", "duo.draft_quant", str(src), str(tmp)],
-                                  capture_output=True, text=True, timeout=QUANT_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            tmp.unlink(missing_ok=True)
-            raise DuoError(f"quantizing the draft {src} took over {QUANT_TIMEOUT_S} s; use --draft-quant keep")
-        if proc.returncode != 0 or not tmp.exists():
-            tmp.unlink(missing_ok=True)
-            last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-            raise DuoError(f"quantizing the draft {src} to Q4_0 failed ({last}); use --draft-quant keep")
-        os.replace(tmp, dst)
+        quantize_q4_0(src, dst)
     return dst
+
+
+def quantize_q4_0(src: Path, dst: Path) -> None:
+    """src -> dst as Q4_0 by llama.cpp's quantizer in a child process (dst appears only when complete)."""
+    tmp = Path(dst).with_suffix(".partial")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "duo.draft_quant", str(src), str(tmp)],
+                              capture_output=True, text=True, timeout=QUANT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        tmp.unlink(missing_ok=True)
+        raise DuoError(f"quantizing the draft {src} took over {QUANT_TIMEOUT_S} s; use --draft-quant keep")
+    if proc.returncode != 0 or not tmp.exists():
+        tmp.unlink(missing_ok=True)
+        last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise DuoError(f"quantizing the draft {src} to Q4_0 failed ({last}); use --draft-quant keep")
+    os.replace(tmp, dst)
 
 
 def fastest_ms(verdict) -> float | None:

@@ -126,11 +126,11 @@ class Engine:
             raise UsageError(str(e)) from e
         except (models.ModelError, TargetError) as e:
             raise DuoError(str(e)) from e
-        self.context = min(context, self.target.max_context)
-        self.draft_ref = dref
+        self.context, self.draft_ref = min(context, self.target.max_context), dref
         self.retrieval = Retrieval.open(datastore, output_cache, output_cache_file, len(self.target.tokenizer),
                                         tref.name)
-        self.adaptation = Adaptation.open(adapter, record, adapt_online, tref.name, dref.identity if dref else None)
+        self.adaptation = Adaptation.open(adapter, record, adapt_online, tref.name, dref.identity if dref else None,
+                                          dref.gguf if dref else None, progress)
         if dref is not None:
             self._start_draft()
         self._closed = False
@@ -286,7 +286,7 @@ class Engine:
             self._ensure_draft()
             draft = self._draft if cfg.mode != "target" and model_draft else None
             self.adaptation.before_generation(draft)
-            stats.adapter = draft.adapter if draft is not None else None
+            stats.adapter = self.adaptation.applied if draft is not None else None
             text = TextStream(self.target.tokenizer, stop)
             produced: list[int] = []
             with pinned(self.plan.target_cores), torch_threads(self.plan.target_threads):

@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("parent_pid", type=int)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--max-minutes", type=float, default=20.0)
+    ap.add_argument("--merge", action="store_true", help="also merge a kept adapter into a Q4_0 draft")
     args = ap.parse_args(argv)
     _die_with_parent(args.parent_pid)
 
@@ -69,6 +70,9 @@ def main(argv=None) -> int:
     try:
         result, path = adapt_pair(Path(args.pair), Path(args.draft),
                                   AdaptConfig(threads=args.threads, max_minutes=args.max_minutes), progress=False)
+        if path is not None and args.merge:
+            from .merge import merged_draft
+            merged_draft(Path(args.draft), path, progress=False)
     except UsageError as e:
         print(f"duo adapt (online): {e}", file=sys.stderr)
         return 2

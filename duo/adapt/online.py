@@ -27,8 +27,9 @@ EVERY = 20     # new recorded generations that start a run
 
 class OnlineAdapter:
     def __init__(self, pair: Path, draft_gguf: Path, every: int = EVERY,
-                 max_minutes: float = 20.0):
+                 max_minutes: float = 20.0, merge: bool = False):
         self.pair, self.draft_gguf, self.every, self.max_minutes = Path(pair), Path(draft_gguf), every, max_minutes
+        self.merge = merge          # also merge a kept adapter into a Q4_0 draft (adapt/merge.py), ready for use
         self.buffer = RecordBuffer(self.pair)
         self.seen = len(self.buffer.files())     # records when the last run started (or at start)
         self.proc: subprocess.Popen | None = None
@@ -64,7 +65,7 @@ class OnlineAdapter:
             self.runs += 1
             self.proc = subprocess.Popen([sys.executable, "-m", "duo.adapt.job", str(self.pair),
                                           str(self.draft_gguf), str(os.getpid()),
-                                          "--max-minutes", str(self.max_minutes)],
+                                          "--max-minutes", str(self.max_minutes)] + ["--merge"] * self.merge,
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
             self.paused = False
             log.info("online adaptation started on %d recorded generations (pid %d)", n, self.proc.pid)

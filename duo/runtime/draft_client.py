@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import weakref
+from dataclasses import replace
 
 from ..plan import TreeSpec
 from . import channel as ch
@@ -181,6 +182,13 @@ class DraftClient:
         rnd = self._send(ch.CMD_ADAPTER, data)
         self._wait(rnd, deadline, timeout)
         self.adapter = path
+
+    def set_model(self, gguf_path: str) -> None:
+        """Between generations: run another GGUF (the draft with an adapter merged in, or the plain one again);
+        the worker restarts on it (no adapter applied)."""
+        self._check_open()
+        self.cfg = replace(self.cfg, gguf_path=str(gguf_path))
+        self.restart()
 
     def ping(self, timeout: float = 5.0) -> float:
         """One PING exchange; returns the round-trip seconds."""

@@ -185,6 +185,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model")
     ap.add_argument("--draft")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--mode", default="auto", help="the schedule (default: this machine's profile)")
+    ap.add_argument("--budget", default="auto", help="the draft budget (default: this machine's profile)")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--rejected-weight", type=float, default=AdaptConfig.rejected_weight)
     ap.add_argument("--records", metavar="DIR", help="reuse DIR/<dataset>/records (an earlier --keep-records) instead of recording")
@@ -197,7 +199,8 @@ def main(argv=None) -> int:
     log = lambda m: print(m, file=sys.stderr, flush=True)   # noqa: E731
     rows = []
     with tempfile.TemporaryDirectory(prefix="duo-adapt-bench-") as work, \
-            Engine(args.model, args.draft, dtype=args.dtype, progress=True, output_cache=0, adapter="off") as engine:
+            Engine(args.model, args.draft, dtype=args.dtype, progress=True, output_cache=0, adapter="off",
+                   mode=args.mode, budget=args.budget if args.budget == "auto" else int(args.budget)) as engine:
         for name in args.dataset.split(","):
             rows.append(run_dataset(engine, name, args, Path(work), log))
             if args.json:

@@ -92,3 +92,35 @@ def test_w8a8_is_refused_on_a_gpu_with_the_fix():
     from duo.runtime.precision import PrecisionError, resolve_precision
     with pytest.raises(PrecisionError, match="CPU only.*int8"):
         resolve_precision("w8a8", torch.device("cuda", 0))
+
+
+def test_fused_w8a8_linears_give_each_part_exactly_its_columns():
+    """q/k/v (and gate/up) stacked into one W8A8 matmul: each part gets bit for bit what it computed alone,
+    whatever order the parts are called in, and a part called again or on another input runs it again."""
+    from duo.runtime.fused_linears import FusedLinears
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(96, 64, bias=True), torch.nn.Linear(96, 32, bias=True), torch.nn.Linear(96, 32, bias=False)]
+    fused = FusedLinears(layers, torch.float32)
+    alone = [W8A8Linear(m, torch.float32) for m in layers]
+    parts = [fused.part(i) for i in range(3)]
+    x = torch.randn(7, 96) * torch.linspace(0.1, 30, 7)[:, None]
+    for order in ([0, 1, 2], [2, 0, 1]):
+        got = {i: parts[i](x) for i in order}
+        assert all(torch.equal(got[i], alone[i](x)) for i in range(3))
+    x2 = torch.randn(3, 96)
+    assert torch.equal(parts[1](x2), alone[1](x2)) and torch.equal(parts[1](x2), alone[1](x2))
+    assert torch.equal(parts[0](x), alone[0](x))
+
+
+def test_the_w8a8_target_with_fused_linears_gives_the_unfused_logits(tiny_pair):
+    from duo.runtime.fused_linears import FusedPart
+    from duo.runtime.precision import footprint_bytes, quantize_linears
+    from duo.runtime.target import load_target
+    fused = load_target(tiny_pair.target_hf_dir, device="cpu", dtype="w8a8", progress=False)
+    plain = load_target(tiny_pair.target_hf_dir, device="cpu", dtype="bfloat16", progress=False)
+    quantize_linears(plain.model, torch.bfloat16, "w8a8")
+    assert sum(isinstance(m, FusedPart) for m in fused.model.modules()) == 5 * len(fused.model.model.layers)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11, 64, 8]])
+    with torch.inference_mode():
+        assert torch.equal(fused.model(input_ids=ids).logits, plain.model(input_ids=ids).logits)
+    assert fused.footprint == footprint_bytes(plain.model)      # the same int8 bytes, packed together

@@ -24,6 +24,7 @@ import torch
 from ..errors import is_oom, release_after_oom
 from ..sampling import choose_tokens, token_logprobs
 from .attention import ancestor_matrix, attn_implementation, probe_window, tree_attention_mask, verify_mask
+from .fused_linears import fuse_shared_inputs
 from .precision import footprint_bytes, quantize_linears
 from .target_load import (TargetError, check_finite_logits, check_placement, devices_precision, input_device,
                           placement, quiet_loading, resolve_device, resolve_devices, resolve_dtype, storage_dtype,
@@ -100,6 +101,8 @@ def load_target(hf_dir: str | Path, device: str = "auto", dtype: str = "auto", n
                                                          attn_implementation=attn_implementation(), **where)
         check_placement(model, devs)
         model.eval()
+        if prec.weights == "w8a8":
+            fuse_shared_inputs(model, dt)         # q/k/v and gate/up as one matmul each, bit for bit the same
         if prec.weights != "dense":
             quantize_linears(model, dt, prec.weights)
     except TargetError:

@@ -8,9 +8,11 @@ prompts of the same dataset before and after, side by side in one run, on one en
 Per dataset: the prompts shuffled by --seed, the first --test held out, the next --train recorded (greedy,
 duo's own decoding, the target's top-10 kept) into a buffer of this run's own (never the user's pair
 buffer), an adapter trained on it, and the held-out prompts decoded with the plain draft and with the
-adapter (merged into the draft's weights where the worker runs a Q4_0 draft; --lora-row adds a row with
-the same adapter applied as a LoRA at run time). Every after row that parts from the before row is
-checked by the near-tie rule. Reported: P(depth >= d), mean accepted length, acceptance, tok/s before/after, the training's
+adapter (a LoRA applied by llama.cpp at run time; --merged-row adds a row with the same adapter merged into
+a Q4_0 draft), and once by the target alone (transformers' greedy
+generate on the same weights: the speedups' base and the output every row must give). Every duo row that
+parts from the target's is checked by the near-tie rule. Reported: P(depth >= d), mean accepted length,
+acceptance, tok/s and speedup over the target before/after, the training's
 time and memory, the recording overhead (its share of the recorded generations' time). --install NAME makes
 the adapter learned on dataset NAME (when kept) the pair's accepted one, so `--adapter auto` uses it afterwards.
 """
@@ -51,7 +53,7 @@ def run_dataset(engine, name: str, args, work: Path, log) -> dict:
     from duo.adapt.train import AdaptConfig
 
     from . import datasets as ds
-    from .methods import duo_sample
+    from .methods import duo_sample, hf_generate
 
     prompts = ds.load(name, args.test + args.train, seed=args.seed)
     test, train = prompts[:args.test], prompts[args.test:]
@@ -67,6 +69,10 @@ def run_dataset(engine, name: str, args, work: Path, log) -> dict:
         return out
 
     engine.adaptation.adapter = "off"
+    tm = engine.target
+    hf_generate(tm.model, test_ids[0], 16, tm.eos_ids)                              # warm-up
+    target = [hf_generate(tm.model, ids, args.max_new, tm.eos_ids) for ids in test_ids]
+    log(f"  target alone: {summarise_target(target)['tokens_per_s']:.2f} tok/s")
     duo_sample(engine, test_ids[0], 16, retrieval=False, remember=False)          # warm-up
     before = decode(test_ids, "before")
     pair = work / name
@@ -92,23 +98,24 @@ def run_dataset(engine, name: str, args, work: Path, log) -> dict:
     # the draft's own file (not a Q4_0 copy run for speed): what its adapters belong to
     result, path = adapt_pair(pair, engine.adaptation.draft_gguf, cfg, progress=sys.stderr.isatty())
     log(f"  adapt: {result.summary()}")
-    after = after_lora = None
+    after = after_merged = None
     if path is not None:
         engine.adaptation.adapter = str(path)
         duo_sample(engine, test_ids[0], 16, retrieval=False, remember=False)      # warm-up (merges), adapter on
         after = decode(test_ids, "after")
-        if args.lora_row and engine.adaptation.merge:                            # the same adapter as a LoRA
-            engine.adaptation.merge = False
-            duo_sample(engine, test_ids[0], 16, retrieval=False, remember=False)
-            after_lora = decode(test_ids, "after (LoRA)")
+        if args.merged_row:                           # the same adapter merged into a Q4_0 draft (opt-in)
             engine.adaptation.merge = True
+            duo_sample(engine, test_ids[0], 16, retrieval=False, remember=False)
+            after_merged = decode(test_ids, "after (merged)")
+            engine.adaptation.merge = False
         engine.adaptation.adapter = "off"
         duo_sample(engine, test_ids[0], 4, retrieval=False, remember=False)      # back to the plain draft
-    divergences = [divergence(engine, i, test_ids[i], b.tokens, a.tokens) for rows in (after, after_lora) if rows
-                   for i, (a, b) in enumerate(zip(before, rows)) if a.tokens != b.tokens]
+    divergences = [divergence(engine, i, test_ids[i], s.tokens, t.tokens, row)
+                   for row, rows in (("before", before), ("after", after), ("after_merged", after_merged)) if rows
+                   for i, (s, t) in enumerate(zip(rows, target)) if s.tokens != t.tokens]
     return {"dataset": name, "train_prompts": len(train_ids), "test_prompts": len(test_ids),
-            "before": summarise(before), "after": summarise(after) if after else None,
-            "after_lora": summarise(after_lora) if after_lora else None,
+            "target": summarise_target(target), "before": summarise(before), "after": summarise(after) if after else None,
+            "after_merged": summarise(after_merged) if after_merged else None,
             "same_tokens": not divergences, "divergences": divergences,
             "applied_as": "merged" if engine.adaptation.merge else "LoRA",
             "adapt": result.summary(), "adapter": str(path) if path else None,
@@ -116,12 +123,16 @@ def run_dataset(engine, name: str, args, work: Path, log) -> dict:
             "settings": {"lr": cfg.lr, "rank": cfg.rank, "epochs": cfg.epochs, "rejected_weight": cfg.rejected_weight}}
 
 
-def divergence(engine, i: int, ids: list[int], after: list[int], before: list[int]) -> dict:
-    """Where an after row parts from the before row, judged by the near-tie rule at the target's one-token
-    decoding there (bench.near_ties: the target is the same in both rows, only the draft changed)."""
+def summarise_target(samples) -> dict:
+    toks, wall = sum(len(s.tokens) for s in samples), sum(s.wall_s for s in samples)
+    return {"tokens_per_s": toks / wall if wall else 0.0, "tokens": toks, "wall_s": wall}
+
+
+def divergence(engine, i: int, ids: list[int], got: list[int], target: list[int], row: str) -> dict:
+    """Where a duo row parts from the target's own one-token decoding, judged by the near-tie rule there."""
     from .near_ties import check
-    d = check(engine.target, ids, after, before)
-    return {"prompt": i, "position": d.position, "gap": d.gap, "bound": d.bound, "near_tie": d.near_tie}
+    d = check(engine.target, ids, got, target)
+    return {"row": row, "prompt": i, "position": d.position, "gap": d.gap, "bound": d.bound, "near_tie": d.near_tie}
 
 
 def install(engine, row: dict) -> str:
@@ -137,24 +148,28 @@ def install(engine, row: dict) -> str:
 
 
 def report(rows: list[dict]) -> str:
-    out = ["| dataset | | tok/s | mean accepted len | acceptance | P(d>=1) | P(d>=2) | P(d>=3) | P(d>=4) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| dataset | | tok/s | speedup | mean accepted len | acceptance | P(d>=1) | P(d>=2) | P(d>=3) | P(d>=4) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        for when in ("before", "after", "after_lora"):
+        base = r.get("target", {}).get("tokens_per_s")
+        if base:
+            out.append(f"| {r['dataset']} | target alone | {base:.2f} | 1.00x | | | | | | |")
+        for when in ("before", "after", "after_merged"):
             s = r.get(when)
             if s is None:
                 if when == "after":
-                    out.append(f"| {r['dataset']} | after | (adapter not kept) | | | | | | |")
+                    out.append(f"| {r['dataset']} | after | (adapter not kept) | | | | | | | |")
                 continue
-            label = {"after": f"after ({r.get('applied_as', 'LoRA')})", "after_lora": "after (LoRA)"}.get(when, when)
-            out.append(f"| {r['dataset']} | {label} | {s['tokens_per_s']:.2f} | {s['mean_accepted_len']:.2f} | "
+            label = {"after": f"after ({r.get('applied_as', 'LoRA')})", "after_merged": "after (merged)"}.get(when, when)
+            speedup = f"{s['tokens_per_s'] / base:.2f}x" if base else ""
+            out.append(f"| {r['dataset']} | {label} | {s['tokens_per_s']:.2f} | {speedup} | {s['mean_accepted_len']:.2f} | "
                        f"{s['acceptance']:.2f} | " + " | ".join(f"{p:.2f}" for p in s["p_depth"][:4]) + " |")
         a, rec = r["adapt"], r["recording"]
         gain = (r["after"]["tokens_per_s"] / r["before"]["tokens_per_s"]) if r["after"] else float("nan")
         out.append("")
         ties = r.get("divergences", [])
-        out.append(f"{r['dataset']}: speed after/before {gain:.3f}x, same tokens {r['same_tokens']}"
-                   + "".join(f"; prompt {d['prompt']} parts at token {d['position']}: gap {d['gap']:.3g} vs bound "
+        out.append(f"{r['dataset']}: speed after/before {gain:.3f}x, every row the target's tokens {r['same_tokens']}"
+                   + "".join(f"; {d.get('row', 'after')} prompt {d['prompt']} parts at token {d['position']}: gap {d['gap']:.3g} vs bound "
                              f"{d['bound']:.3g} -> {'near-tie' if d['near_tie'] else 'NOT a near-tie'}" for d in ties)
                    + "; training "
                    f"{a['steps']} steps on {a['train_records']} records ({a['train_tokens']} tokens), loss "
@@ -192,7 +207,7 @@ def main(argv=None) -> int:
     ap.add_argument("--records", metavar="DIR", help="reuse DIR/<dataset>/records (an earlier --keep-records) instead of recording")
     ap.add_argument("--keep-records", metavar="DIR", help="copy this run's records to DIR/<dataset>/records")
     ap.add_argument("--install", metavar="DATASET", help="make that dataset's kept adapter the pair's accepted one")
-    ap.add_argument("--lora-row", action="store_true", help="also decode with the adapter applied as a LoRA")
+    ap.add_argument("--merged-row", action="store_true", help="also decode with the adapter merged into a Q4_0 draft")
     args = ap.parse_args(argv)
     if args.install and args.install not in args.dataset.split(","):
         ap.error(f"--install {args.install}: not one of --dataset {args.dataset}")

@@ -3,9 +3,11 @@ the LoRA adapter its draft worker applies, and the background adaptation of onli
 
     adapter   "auto": the pair's latest accepted adapter, looked up again before every generation (a new
               one from `duo adapt` or online mode is swapped in at the next generation); a path; "off"
-    merge     where the worker runs a Q4_0 draft: the adapter merged into a Q4_0 copy of the draft
-              (adapt/merge.py, made once per adapter) that the worker restarts on, at the plain draft's
-              speed; otherwise (or if merging fails) llama.cpp applies it as a LoRA in the running worker
+    LoRA      llama.cpp applies the adapter in the running worker (the default, and where merging fails)
+    merge     opt-in (Adaptation.merge): the adapter merged into a Q4_0 copy of the draft (adapt/merge.py)
+              that the worker restarts on, at the plain draft's speed, but Q4_0's step (about 14x the
+              adapter's largest change on GSM8K) erases the adapter and reshuffles the rounding: measured,
+              worse than no adapter
     record    each generation's tokens, the target's top-K per token and the draft's rejections, appended
               to <cache>/adapt/<pair>/records (duo/adapt/buffer.py)
     online    with record: a background `duo adapt` whenever enough new records came in, run while the
@@ -43,7 +45,8 @@ class Adaptation:
     buffer: object = None           # adapt.buffer.RecordBuffer when recording
     online: object = None           # adapt.online.OnlineAdapter in online mode
     run_gguf: Path | None = None    # the file the worker runs without an adapter (the draft or its Q4_0 copy)
-    merge: bool = False             # apply adapters merged into a Q4_0 draft (run_gguf is Q4_0)
+    merge: bool = False             # apply adapters merged into a Q4_0 draft instead of as a LoRA: off, as
+    # requantizing to Q4_0 loses the adapter (GSM8K: acceptance 0.65 -> 0.19 merged, 0.73 as a LoRA; adapt/merge.py)
     applied: str | None = None      # the adapter in effect for the current generation
     progress: bool = False
 
@@ -56,11 +59,9 @@ class Adaptation:
             return cls(adapter=str(adapter))
         pair = pair_dir(target_name, draft_gguf)
         store.resolve(adapter, pair, draft_gguf)      # a bad PATH is refused now, before anything runs
-        from .draft_quant import q4_0_share
         run_gguf = Path(run_gguf or draft_gguf)
         a = cls(adapter=str(adapter), pair=pair, draft_gguf=Path(draft_gguf),
-                buffer=RecordBuffer(pair) if record else None, run_gguf=run_gguf,
-                merge=q4_0_share(run_gguf) > 0.5, progress=progress)
+                buffer=RecordBuffer(pair) if record else None, run_gguf=run_gguf, progress=progress)
         if online:
             from .adapt.online import OnlineAdapter
             a.online = OnlineAdapter(pair, draft_gguf, merge=a.merge)

@@ -74,22 +74,12 @@ def cmd_adapt(args) -> int:
     progress = not args.quiet and (args.verbose or sys.stderr.isatty())
     result, path = adapt_pair(pair, dref.gguf, cfg, held_out=args.held_out, progress=progress)
     out = {**result.summary(), "adapter": str(path) if path else None,
-           "adapter_bytes": path.stat().st_size if path else 0, "merged": None}
-    if path is not None:
-        out["merged"] = merge_for_runs(dref, path, progress)
+           "adapter_bytes": path.stat().st_size if path else 0}
     if args.json:
         print(json.dumps(out, indent=1))
     else:
         print(format_result(out))
     return EXIT_INTERRUPT if result.interrupted else EXIT_OK
-
-
-def merge_for_runs(dref, adapter: Path, progress: bool) -> str | None:
-    """Where `duo run` drafts with a Q4_0 draft (draft_quant's auto), the adapter merged into one now."""
-    from ..draft_quant import prepare, q4_0_share
-    from .merge import merged_draft
-    run = prepare(dref, "auto", progress)
-    return str(merged_draft(dref.gguf, adapter, progress)) if q4_0_share(Path(run.gguf)) > 0.5 else None
 
 
 def format_result(r: dict) -> str:
@@ -108,8 +98,6 @@ def format_result(r: dict) -> str:
         lines.append("stopped    interrupted: `duo adapt` resumes from the checkpoint; the accepted adapter is unchanged")
     elif r["adapter"]:
         lines.append(f"adapter    kept: {r['adapter']} ({r['adapter_bytes'] / 2**20:.1f} MiB); `--adapter auto` uses it")
-        if r.get("merged"):
-            lines.append(f"merged     {r['merged']}: the Q4_0 draft with the adapter in its weights (no LoRA at run time)")
     else:
         lines.append("adapter    not kept: the draft did not agree more often; the accepted adapter is unchanged")
     return "\n".join(lines)

@@ -51,8 +51,13 @@ def q4_0_share(path: Path) -> float:
 
 def q4_0_copy(src: Path, progress: bool = True) -> Path:
     """The cached Q4_0 copy of `src`, made now if missing (one llama.cpp quantizer call in a child process)."""
+    return made_once(copy_path(src), lambda dst: quantize_q4_0(src, dst), progress,
+                     f"duo: making a Q4_0 copy of the draft {src.name} (once; --draft-quant keep skips it)...")
+
+
+def made_once(dst: Path, make, progress: bool, message: str) -> Path:
+    """dst, made by make(dst) under a lock if it is missing (other processes wait for it; message said first)."""
     from .models import _locked
-    dst = copy_path(src)
     if dst.exists():
         return dst
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -60,9 +65,8 @@ def q4_0_copy(src: Path, progress: bool = True) -> Path:
         if dst.exists():
             return dst
         if progress:
-            print(f"duo: making a Q4_0 copy of the draft {src.name} (once; --draft-quant keep skips it)...",
-                  file=sys.stderr, flush=True)
-        quantize_q4_0(src, dst)
+            print(message, file=sys.stderr, flush=True)
+        make(dst)
     return dst
 
 

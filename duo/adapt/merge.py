@@ -101,21 +101,12 @@ def write_merged(draft_gguf: Path, adapter: Path, out: Path, dtype=np.float16) -
 
 def merged_draft(draft_gguf: str | Path, adapter: str | Path, progress: bool = True) -> Path:
     """The cached Q4_0 draft with `adapter` merged in, made now if missing (a minute for a 0.5B draft)."""
-    from ..draft_quant import quantize_q4_0
-    from ..models import _locked
+    from ..draft_quant import made_once, quantize_q4_0
 
     draft_gguf, adapter = Path(draft_gguf), Path(adapter)
     check_adapter(adapter, draft_gguf)
-    dst = merged_path(adapter)
-    if dst.exists():
-        return dst
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(dst.with_suffix(".lock"), progress):
-        if dst.exists():
-            return dst
-        if progress:
-            print(f"duo: merging the adapter {adapter.name} into a Q4_0 copy of the draft (once per adapter)...",
-                  file=sys.stderr, flush=True)
+
+    def make(dst: Path) -> None:
         t0 = time.monotonic()
         tmp = dst.with_name(f"{dst.stem}.f16-{os.getpid()}.gguf")
         try:
@@ -125,4 +116,5 @@ def merged_draft(draft_gguf: str | Path, adapter: str | Path, progress: bool = T
             tmp.unlink(missing_ok=True)
         if progress:
             print(f"duo: merged in {time.monotonic() - t0:.0f} s -> {dst}", file=sys.stderr, flush=True)
-    return dst
+    return made_once(merged_path(adapter), make, progress,
+                     f"duo: merging the adapter {adapter.name} into a Q4_0 copy of the draft (once per adapter)...")

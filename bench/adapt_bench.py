@@ -94,9 +94,10 @@ def run_dataset(engine, name: str, args, work: Path, log) -> dict:
         if args.keep_records:
             shutil.copytree(pair / "records", Path(args.keep_records) / name / "records", dirs_exist_ok=True)
     cfg = AdaptConfig(max_minutes=args.max_minutes, epochs=args.epochs, seed=args.seed, lr=args.lr, rank=args.rank,
-                      alpha=2.0 * args.rank, rejected_weight=args.rejected_weight)
-    # the draft's own file (not a Q4_0 copy run for speed): what its adapters belong to
-    result, path = adapt_pair(pair, engine.adaptation.draft_gguf, cfg, progress=sys.stderr.isatty())
+                      alpha=2.0 * args.rank, rejected_weight=args.rejected_weight, last_layers=args.layers)
+    # the adapter belongs to the draft's own file; it is trained on the weights the worker runs (--train-on run)
+    base = engine.adaptation.run_gguf if args.train_on == "run" else engine.adaptation.draft_gguf
+    result, path = adapt_pair(pair, engine.adaptation.draft_gguf, cfg, progress=sys.stderr.isatty(), base_gguf=base)
     log(f"  adapt: {result.summary()}")
     after = after_merged = None
     if path is not None:
@@ -120,7 +121,8 @@ def run_dataset(engine, name: str, args, work: Path, log) -> dict:
             "applied_as": "merged" if engine.adaptation.merge else "LoRA",
             "adapt": result.summary(), "adapter": str(path) if path else None,
             "adapter_bytes": path.stat().st_size if path else 0, "recording": recording,
-            "settings": {"lr": cfg.lr, "rank": cfg.rank, "epochs": cfg.epochs, "rejected_weight": cfg.rejected_weight}}
+            "settings": {"lr": cfg.lr, "rank": cfg.rank, "epochs": cfg.epochs, "rejected_weight": cfg.rejected_weight,
+                         "last_layers": cfg.last_layers, "trained_on": Path(base).name}}
 
 
 def summarise_target(samples) -> dict:
@@ -197,6 +199,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-minutes", type=float, default=20.0)
     ap.add_argument("--lr", type=float, default=AdaptConfig.lr)
     ap.add_argument("--rank", type=int, default=AdaptConfig.rank)
+    ap.add_argument("--layers", type=int, default=AdaptConfig.last_layers, help="adapt the last N layers (0: all)")
+    ap.add_argument("--train-on", choices=("run", "source"), default="run",
+                    help="train on the weights the worker runs (its Q4_0 copy) or the draft's own file")
     ap.add_argument("--model")
     ap.add_argument("--draft")
     ap.add_argument("--dtype", default="auto")

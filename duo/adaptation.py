@@ -64,7 +64,7 @@ class Adaptation:
                 buffer=RecordBuffer(pair) if record else None, run_gguf=run_gguf, progress=progress)
         if online:
             from .adapt.online import OnlineAdapter
-            a.online = OnlineAdapter(pair, draft_gguf, merge=a.merge)
+            a.online = OnlineAdapter(pair, draft_gguf, merge=a.merge, base_gguf=run_gguf)
         return a
 
     @property

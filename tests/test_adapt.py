@@ -111,6 +111,36 @@ def test_the_gguf_lora_computes_in_llama_cpp_what_peft_computes(pair_name, reque
     assert np.abs(again - plain).max() < 1e-5                       # off: the plain draft again, exactly
 
 
+def test_an_adapter_on_the_last_layers_only_has_only_their_matrices_and_llama_cpp_runs_it(tiny_pair, tmp_path):
+    from peft import get_peft_model
+
+    from duo.adapt.train import lora_config, lora_weights
+    from duo.runtime.drafter import DraftConfig, Drafter, run, sync
+    base = load_draft_torch(tiny_pair.draft_gguf)
+    n = base.config.num_hidden_layers
+    assert n >= 2
+    model = get_peft_model(base, lora_config(AdaptConfig(last_layers=1), n))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    lora = lora_weights(model)
+    assert {k.split(".layers.")[1].split(".")[0] for k in lora} == {str(n - 1)} and len(lora) == len(TARGET_MODULES)
+    path = write_lora_gguf(tmp_path / "last.gguf", lora, draft_gguf=tiny_pair.draft_gguf, alpha=16,
+                           n_head=base.config.num_attention_heads, n_head_kv=base.config.num_key_value_heads)
+    tokens = [5, 17, 42, 99]
+    d = Drafter(DraftConfig(str(tiny_pair.draft_gguf), n_ctx=64, extra_bufts=False))
+    try:
+        plain = run(sync(d, tokens))
+        d.set_adapter(str(path))
+        adapted = run(sync(d, tokens))
+    finally:
+        d.close()
+    assert np.abs(adapted - plain).max() > 1e-3                     # the one layer's adapter is applied
+    all_layers = get_peft_model(load_draft_torch(tiny_pair.draft_gguf), lora_config(AdaptConfig(last_layers=0), n))
+    assert len(lora_weights(all_layers)) == n * len(TARGET_MODULES)
+
+
 def test_adapt_raises_agreement_and_the_worker_swaps_the_adapter_in_without_restart(tiny_pair, cache):
     ids_of = {}
     with engine(tiny_pair, mode="target") as alone:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from ..cli import add_common_flags, formatter, number
 from ..exits import EXIT_INTERRUPT, EXIT_OK
+from ..flags import add_draft_quant_flag
+from .train import AdaptConfig
 
 
 def add_parser(sub) -> None:
@@ -27,6 +29,8 @@ def add_parser(sub) -> None:
     a.add_argument("--draft", "-d", metavar="D", help="draft: alias or GGUF file (default: the default)")
     a.add_argument("--epochs", type=number(int, ">= 1", lo=1), default=2, metavar="N", help="passes over the records (default 2)")
     a.add_argument("--rank", type=number(int, ">= 1", lo=1), default=8, metavar="R", help="LoRA rank (default 8)")
+    a.add_argument("--layers", type=number(int, ">= 0", lo=0), default=AdaptConfig.last_layers, metavar="N",
+                   help=f"adapt only the last N layers, 0 for all (default {AdaptConfig.last_layers})")
     a.add_argument("--max-minutes", type=number(float, "> 0", lo=0, lo_open=True), default=20.0, metavar="M",
                    help="stop training after M minutes, then evaluate (default 20)")
     a.add_argument("--held-out", type=number(float, "in (0, 0.9]", lo=0, hi=0.9, lo_open=True), default=0.2,
@@ -34,6 +38,7 @@ def add_parser(sub) -> None:
     a.add_argument("--seed", type=int, default=0, help="the split and the order (default 0)")
     a.add_argument("--status", action="store_true", help="show the records and the accepted adapter, train nothing")
     a.add_argument("--json", action="store_true", help="print one JSON object")
+    add_draft_quant_flag(a)
     add_common_flags(a)
     a.set_defaults(func=cmd_adapt)
 
@@ -60,7 +65,6 @@ def status(pair: Path) -> dict:
 
 def cmd_adapt(args) -> int:
     from .job import adapt_pair
-    from .train import AdaptConfig
 
     pair, dref = pair_of(args)
     if args.status:
@@ -69,10 +73,12 @@ def cmd_adapt(args) -> int:
               f"records    {info['records']} generations, {info['answer_tokens']:,} answer tokens ({pair})\n"
               f"adapter    {info['adapter'] or 'none accepted yet'}")
         return EXIT_OK
+    from ..draft_quant import prepare
     cfg = AdaptConfig(rank=args.rank, alpha=2.0 * args.rank, epochs=args.epochs, max_minutes=args.max_minutes,
-                      seed=args.seed)
+                      seed=args.seed, last_layers=args.layers)
     progress = not args.quiet and (args.verbose or sys.stderr.isatty())
-    result, path = adapt_pair(pair, dref.gguf, cfg, held_out=args.held_out, progress=progress)
+    run = prepare(dref, args.draft_quant, progress=not args.quiet)     # train on the weights the worker runs
+    result, path = adapt_pair(pair, dref.gguf, cfg, held_out=args.held_out, progress=progress, base_gguf=run.gguf)
     out = {**result.summary(), "adapter": str(path) if path else None,
            "adapter_bytes": path.stat().st_size if path else 0}
     if args.json:

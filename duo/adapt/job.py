@@ -19,8 +19,11 @@ from .train import AdaptConfig, AdaptResult, load_draft_torch, train_adapter
 
 
 def adapt_pair(pair: Path, draft_gguf: Path, cfg: AdaptConfig, *, held_out: float = 0.2, progress: bool = True,
-               model=None) -> tuple[AdaptResult, Path | None]:
-    """Train on the pair's records; returns the result and the adapter written (None: not kept)."""
+               model=None, base_gguf: Path | None = None) -> tuple[AdaptResult, Path | None]:
+    """Train on the pair's records; returns the result and the adapter written (None: not kept).
+    The adapter belongs to `draft_gguf` (the pair's draft); it is trained on the weights of `base_gguf`, the
+    file the worker runs (the draft's Q4_0 copy where it runs one), so it also learns to undo that file's
+    rounding: on GSM8K the copy agreed with the target on 0.891 of held-out tokens, the draft's own file on 0.906."""
     records = RecordBuffer(pair).load()
     if not records:
         raise UsageError("no recorded generations for this model pair yet: generate with `duo run --record` "
@@ -29,15 +32,17 @@ def adapt_pair(pair: Path, draft_gguf: Path, cfg: AdaptConfig, *, held_out: floa
     if not train or not test:
         raise UsageError(f"only {len(records)} recorded generation(s) for this pair: record at least 2 (better a "
                          f"few dozen) before `duo adapt`")
-    model = model if model is not None else load_draft_torch(draft_gguf)
+    base_gguf = Path(base_gguf or draft_gguf)
+    model = model if model is not None else load_draft_torch(base_gguf)
     n_head, n_kv = model.config.num_attention_heads, getattr(model.config, "num_key_value_heads", None)
-    result = train_adapter(draft_gguf, train, test, cfg, Path(pair) / "work", progress=progress, model=model)
+    result = train_adapter(base_gguf, train, test, cfg, Path(pair) / "work", progress=progress, model=model)
     if not result.kept:
         return result, None
     path = write_lora_gguf(new_adapter_path(pair), result.lora, draft_gguf=draft_gguf, alpha=cfg.alpha, n_head=n_head,
                            n_head_kv=n_kv or n_head,
                            meta={"agreement_before": f"{result.agreement_before:.4f}",
                                  "agreement_after": f"{result.agreement_after:.4f}", "rank": cfg.rank,
+                                 "trained_on": base_gguf.name, "last_layers": cfg.last_layers,
                                  "records": result.train_records, "steps": result.steps})
     accept(pair, path, result.summary())
     return result, path
@@ -61,6 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--max-minutes", type=float, default=20.0)
     ap.add_argument("--merge", action="store_true", help="also merge a kept adapter into a Q4_0 draft")
+    ap.add_argument("--base", help="train on this file's weights (the one the worker runs; default: the draft)")
     args = ap.parse_args(argv)
     _die_with_parent(args.parent_pid)
 
@@ -69,7 +75,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         result, path = adapt_pair(Path(args.pair), Path(args.draft),
-                                  AdaptConfig(threads=args.threads, max_minutes=args.max_minutes), progress=False)
+                                  AdaptConfig(threads=args.threads, max_minutes=args.max_minutes), progress=False,
+                                  base_gguf=Path(args.base) if args.base else None)
         if path is not None and args.merge:
             from .merge import merged_draft
             merged_draft(Path(args.draft), path, progress=False)

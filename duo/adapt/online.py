@@ -27,8 +27,9 @@ EVERY = 20     # new recorded generations that start a run
 
 class OnlineAdapter:
     def __init__(self, pair: Path, draft_gguf: Path, every: int = EVERY,
-                 max_minutes: float = 20.0, merge: bool = False):
+                 max_minutes: float = 20.0, merge: bool = False, base_gguf: Path | None = None):
         self.pair, self.draft_gguf, self.every, self.max_minutes = Path(pair), Path(draft_gguf), every, max_minutes
+        self.base_gguf = Path(base_gguf or draft_gguf)   # the weights trained on: the file the worker runs
         self.merge = merge          # also merge a kept adapter into a Q4_0 draft (adapt/merge.py), ready for use
         self.buffer = RecordBuffer(self.pair)
         self.seen = len(self.buffer.files())     # records when the last run started (or at start)
@@ -65,7 +66,8 @@ class OnlineAdapter:
             self.runs += 1
             self.proc = subprocess.Popen([sys.executable, "-m", "duo.adapt.job", str(self.pair),
                                           str(self.draft_gguf), str(os.getpid()),
-                                          "--max-minutes", str(self.max_minutes)] + ["--merge"] * self.merge,
+                                          "--max-minutes", str(self.max_minutes), "--base", str(self.base_gguf)]
+                                         + ["--merge"] * self.merge,
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
             self.paused = False
             log.info("online adaptation started on %d recorded generations (pid %d)", n, self.proc.pid)

@@ -8,8 +8,9 @@ prompts of the same dataset before and after, side by side in one run, on one en
 Per dataset: the prompts shuffled by --seed, the first --test held out, the next --train recorded (greedy,
 duo's own decoding, the target's top-10 kept) into a buffer of this run's own (never the user's pair
 buffer), an adapter trained on it, and the held-out prompts decoded with the plain draft and with the
-adapter (a LoRA applied by llama.cpp at run time; --merged-row adds a row with the same adapter merged into
-a Q4_0 draft), and once by the target alone (transformers' greedy
+adapter (a LoRA applied by llama.cpp at run time), prompt by prompt alternately so that a drift in the
+machine's speed hits both rows alike (--merged-row adds a row with the same adapter merged into a Q4_0 draft,
+after them), and once by the target alone (transformers' greedy
 generate on the same weights: the speedups' base and the output every row must give). Every duo row that
 parts from the target's is checked by the near-tie rule. Reported: P(depth >= d), mean accepted length,
 acceptance, tok/s and speedup over the target before/after, the training's
@@ -44,7 +45,12 @@ def summarise(samples) -> dict:
     return {"tokens_per_s": toks / wall if wall else 0.0, "tokens": toks, "wall_s": wall,
             "acceptance": sum(s.stats["accepted"] for s in samples) / drafted if drafted else 0.0,
             "mean_accepted_len": float(np.mean([s.stats["mean_accepted_len"] for s in samples])),
-            "p_depth": [depth_share(samples, d) for d in range(1, 6)]}
+            "p_depth": [depth_share(samples, d) for d in range(1, 6)],
+            # where the time went (s, summed): the target's prefill and verify passes, and its wait for the draft
+            "rounds": sum(s.stats["rounds"] for s in samples),
+            "prefill_s": sum(s.stats["prefill_s"] for s in samples),
+            "verify_s": sum(s.stats["verify_s"] for s in samples),
+            "draft_wait_s": sum(s.stats["target_idle_s"] for s in samples)}
 
 
 def run_dataset(engine, name: str, args, work: Path, log) -> dict:
@@ -74,7 +80,6 @@ def run_dataset(engine, name: str, args, work: Path, log) -> dict:
     target = [hf_generate(tm.model, ids, args.max_new, tm.eos_ids) for ids in test_ids]
     log(f"  target alone: {summarise_target(target)['tokens_per_s']:.2f} tok/s")
     duo_sample(engine, test_ids[0], 16, retrieval=False, remember=False)          # warm-up
-    before = decode(test_ids, "before")
     pair = work / name
     recording = None
     if args.records:                                   # the train prompts' records of an earlier run, reused
@@ -100,10 +105,16 @@ def run_dataset(engine, name: str, args, work: Path, log) -> dict:
     result, path = adapt_pair(pair, engine.adaptation.draft_gguf, cfg, progress=sys.stderr.isatty(), base_gguf=base)
     log(f"  adapt: {result.summary()}")
     after = after_merged = None
-    if path is not None:
-        engine.adaptation.adapter = str(path)
-        duo_sample(engine, test_ids[0], 16, retrieval=False, remember=False)      # warm-up (merges), adapter on
-        after = decode(test_ids, "after")
+    if path is None:
+        before = decode(test_ids, "before")
+    else:    # before and after prompt by prompt, alternately: a drift in the machine's speed hits both alike
+        before, after = [], []
+        for i, ids in enumerate(test_ids):
+            for adapter, out in (("off", before), (str(path), after)):
+                engine.adaptation.adapter = adapter       # swapped at the next generation's start (its KV rebuilt)
+                out.append(duo_sample(engine, ids, args.max_new, retrieval=False, remember=False))
+            log(f"  before/after {i + 1}/{len(test_ids)}: {before[-1].stats['tokens_per_s']:.2f} / "
+                f"{after[-1].stats['tokens_per_s']:.2f} tok/s")
         if args.merged_row:                           # the same adapter merged into a Q4_0 draft (opt-in)
             engine.adaptation.merge = True
             duo_sample(engine, test_ids[0], 16, retrieval=False, remember=False)
@@ -134,7 +145,8 @@ def divergence(engine, i: int, ids: list[int], got: list[int], target: list[int]
     """Where a duo row parts from the target's own one-token decoding, judged by the near-tie rule there."""
     from .near_ties import check
     d = check(engine.target, ids, got, target)
-    return {"row": row, "prompt": i, "position": d.position, "gap": d.gap, "bound": d.bound, "near_tie": d.near_tie}
+    return {"row": row, "prompt": i, "position": d.position, "gap": d.gap, "bound": d.bound, "near_tie": d.near_tie,
+            "duo_rank": d.rank, "margin": d.margin}
 
 
 def install(engine, row: dict) -> str:
@@ -149,30 +161,40 @@ def install(engine, row: dict) -> str:
     return str(dest)
 
 
+def per_round(s: dict) -> str:
+    """Mean ms per speculative round after the prefill: all, (the verify pass, the wait for the draft)."""
+    if not s.get("rounds"):
+        return ""
+    ms = lambda x: 1e3 * x / s["rounds"]   # noqa: E731
+    return f"{ms(s['wall_s'] - s['prefill_s']):.0f} ({ms(s['verify_s']):.0f}, {ms(s['draft_wait_s']):.0f})"
+
+
 def report(rows: list[dict]) -> str:
-    out = ["| dataset | | tok/s | speedup | mean accepted len | acceptance | P(d>=1) | P(d>=2) | P(d>=3) | P(d>=4) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| dataset | | tok/s | speedup | mean accepted len | acceptance | P(d>=1) | P(d>=2) | P(d>=3) | P(d>=4) | ms/round (verify, draft wait) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = r.get("target", {}).get("tokens_per_s")
         if base:
-            out.append(f"| {r['dataset']} | target alone | {base:.2f} | 1.00x | | | | | | |")
+            out.append(f"| {r['dataset']} | target alone | {base:.2f} | 1.00x | | | | | | | |")
         for when in ("before", "after", "after_merged"):
             s = r.get(when)
             if s is None:
                 if when == "after":
-                    out.append(f"| {r['dataset']} | after | (adapter not kept) | | | | | | | |")
+                    out.append(f"| {r['dataset']} | after | (adapter not kept) | | | | | | | | |")
                 continue
             label = {"after": f"after ({r.get('applied_as', 'LoRA')})", "after_merged": "after (merged)"}.get(when, when)
             speedup = f"{s['tokens_per_s'] / base:.2f}x" if base else ""
             out.append(f"| {r['dataset']} | {label} | {s['tokens_per_s']:.2f} | {speedup} | {s['mean_accepted_len']:.2f} | "
-                       f"{s['acceptance']:.2f} | " + " | ".join(f"{p:.2f}" for p in s["p_depth"][:4]) + " |")
+                       f"{s['acceptance']:.2f} | " + " | ".join(f"{p:.2f}" for p in s["p_depth"][:4]) + f" | {per_round(s)} |")
         a, rec = r["adapt"], r["recording"]
         gain = (r["after"]["tokens_per_s"] / r["before"]["tokens_per_s"]) if r["after"] else float("nan")
         out.append("")
         ties = r.get("divergences", [])
         out.append(f"{r['dataset']}: speed after/before {gain:.3f}x, every row the target's tokens {r['same_tokens']}"
                    + "".join(f"; {d.get('row', 'after')} prompt {d['prompt']} parts at token {d['position']}: gap {d['gap']:.3g} vs bound "
-                             f"{d['bound']:.3g} -> {'near-tie' if d['near_tie'] else 'NOT a near-tie'}" for d in ties)
+                             f"{d['bound']:.3g} -> {'near-tie' if d['near_tie'] else 'NOT a near-tie'}"
+                             + (f" (duo's token the target's #{d['duo_rank']}, {d['margin']:.3g} below its top)"
+                                if not d['near_tie'] and 'duo_rank' in d else "") for d in ties)
                    + "; training "
                    f"{a['steps']} steps on {a['train_records']} records ({a['train_tokens']} tokens), loss "
                    f"{a['loss_first']:.3f} -> {a['loss_last']:.3f}, {a['wall_s']:.0f} s, peak memory "

@@ -270,7 +270,7 @@ def divergence(got: list[int], ref: list[int], logits: list[torch.Tensor], bound
         return k, float("nan"), False       # one stops early without a different token: never a near-tie
     top = torch.topk(logits[k], 2)
     gap = float(top.values[0] - top.values[1])
-    return k, gap, gap < bound and got[k] in top.indices.tolist()
+    return k, gap, gap < bound and bool(logits[k][got[k]] >= top.values[1])   # by value: tied tokens share a place
 
 
 def exact_runs(s: Setup, dtype: str) -> list[dict]:

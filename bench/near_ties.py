@@ -24,8 +24,10 @@ class Divergence:
     gap: float         # the target's top-2 logit gap there (one-token decoding, as the target row ran)
     noise: float       # max |one-token step logits - one batched pass's| over the answer up to there ...
     bound: float       # the near-tie bound: 1e-4 in float32, else max(1e-4, 2 * noise)
-    near_tie: bool     # gap < bound and duo's token is one of the top two
+    near_tie: bool     # gap < bound and duo's token is one of the top two (by value: ties share a rank)
     shape_noise: float = 0.0   # |step - duo's verify pass ending at the divergence|, max over pass shapes
+    rank: int = 0              # duo's token's rank in the target's logits there (1: the target's own, 2: runner-up)
+    margin: float = 0.0        # the target's logit of its token minus that of duo's (= gap when rank is 2)
 
 
 def check(tm, ids: list[int], got: list[int], ref: list[int]) -> Divergence:
@@ -46,8 +48,11 @@ def check(tm, ids: list[int], got: list[int], ref: list[int]) -> Divergence:
     gap = float(top.values[0] - top.values[1])
     bound = NEAR_TIE if tm.precision == "float32" else max(NEAR_TIE, 2 * max(noise, shape))
     token = got[k] if k < len(got) else -1
+    # by value, not topk's indices: coarse logits tie (w8a8 at 0.125), and topk returns one tied token of several
+    rank = int((steps[k] > steps[k][token]).sum()) + 1 if token >= 0 else 0
+    margin = float(top.values[0] - steps[k][token]) if token >= 0 else float("inf")
     return Divergence(k, token, ref[k] if k < len(ref) else -1, gap, noise, bound,
-                      gap < bound and token in top.indices.tolist(), shape)
+                      gap < bound and 1 <= rank <= 2, shape, rank, margin)
 
 
 def pass_shape_noise(tm, seq: list[int], step) -> float:

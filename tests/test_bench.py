@@ -183,9 +183,15 @@ def test_a_divergence_is_checked_against_the_near_tie_bound(tiny_pair):
         got = ref[:5] + [second] + ref[6:]
         d = check(e.target, ids, got, ref)
         gap = float(torch.topk(logits[5], 2).values.diff().abs())
+        third = torch.topk(logits[5], 3)
+        d3 = check(e.target, ids, ref[:5] + [int(third.indices[2])] + ref[6:], ref)
     assert (d.position, d.duo, d.ref) == (5, second, ref[5])
     assert d.gap == pytest.approx(gap, abs=1e-5) and d.bound == NEAR_TIE   # float32: the fixed rule
     assert d.near_tie == (gap < NEAR_TIE)
+    assert d.rank == 2 and d.margin == pytest.approx(gap, abs=1e-5)
+    # the target's third choice: never a near-tie, whatever the gap; its margin is measured to the top
+    assert d3.rank == 3 and not d3.near_tie
+    assert d3.margin == pytest.approx(float(third.values[0] - third.values[2]), abs=1e-5)
     row = Row("x", "duo", exact=False, mismatches=[0], extra={"divergences": [{"prompt": 0, "near_tie": True}]})
     assert exact_cell(row) == "near-ties (1)"
     row.extra["divergences"][0]["near_tie"] = False

@@ -162,7 +162,7 @@ def install(engine, row: dict) -> str:
 
 
 def per_round(s: dict) -> str:
-    """Mean ms per speculative round after the prefill: all, (the verify pass, the wait for the draft)."""
+    """Mean ms per round after the prefill: all, (the verify pass, the wait for the draft)."""
     if not s.get("rounds"):
         return ""
     ms = lambda x: 1e3 * x / s["rounds"]   # noqa: E731
@@ -194,7 +194,7 @@ def report(rows: list[dict]) -> str:
                    + "".join(f"; {d.get('row', 'after')} prompt {d['prompt']} parts at token {d['position']}: gap {d['gap']:.3g} vs bound "
                              f"{d['bound']:.3g} -> {'near-tie' if d['near_tie'] else 'NOT a near-tie'}"
                              + (f" (duo's token the target's #{d['duo_rank']}, {d['margin']:.3g} below its top)"
-                                if not d['near_tie'] and 'duo_rank' in d else "") for d in ties)
+                                if not d['near_tie'] else "") for d in ties)
                    + "; training "
                    f"{a['steps']} steps on {a['train_records']} records ({a['train_tokens']} tokens), loss "
                    f"{a['loss_first']:.3f} -> {a['loss_last']:.3f}, {a['wall_s']:.0f} s, peak memory "

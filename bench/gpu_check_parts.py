@@ -20,7 +20,7 @@ import torch
 
 from duo.runtime.tree import Tree
 
-from .near_ties import NEAR_TIE
+from .near_ties import NEAR_TIE, rank_of
 
 # Qwen2.5-7B's shape (random weights: nothing is downloaded)
 SEVEN_B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -270,7 +270,7 @@ def divergence(got: list[int], ref: list[int], logits: list[torch.Tensor], bound
         return k, float("nan"), False       # one stops early without a different token: never a near-tie
     top = torch.topk(logits[k], 2)
     gap = float(top.values[0] - top.values[1])
-    return k, gap, gap < bound and bool(logits[k][got[k]] >= top.values[1])   # by value: tied tokens share a place
+    return k, gap, gap < bound and rank_of(logits[k], got[k]) <= 2
 
 
 def exact_runs(s: Setup, dtype: str) -> list[dict]:

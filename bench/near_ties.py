@@ -30,6 +30,12 @@ class Divergence:
     margin: float = 0.0        # the target's logit of its token minus that of duo's (= gap when rank is 2)
 
 
+def rank_of(logits, token: int) -> int:
+    """1 + how many logits are strictly above the token's: by value, not topk's indices, since coarse logits tie
+    (w8a8's come in steps of 0.125) and topk returns one tied token of several."""
+    return int((logits > logits[token]).sum()) + 1
+
+
 def check(tm, ids: list[int], got: list[int], ref: list[int]) -> Divergence:
     """Where got and ref part, and whether it is a near-tie (tm: the torch target, as loaded)."""
     import torch
@@ -48,8 +54,7 @@ def check(tm, ids: list[int], got: list[int], ref: list[int]) -> Divergence:
     gap = float(top.values[0] - top.values[1])
     bound = NEAR_TIE if tm.precision == "float32" else max(NEAR_TIE, 2 * max(noise, shape))
     token = got[k] if k < len(got) else -1
-    # by value, not topk's indices: coarse logits tie (w8a8 at 0.125), and topk returns one tied token of several
-    rank = int((steps[k] > steps[k][token]).sum()) + 1 if token >= 0 else 0
+    rank = rank_of(steps[k], token) if token >= 0 else 0
     margin = float(top.values[0] - steps[k][token]) if token >= 0 else float("inf")
     return Divergence(k, token, ref[k] if k < len(ref) else -1, gap, noise, bound,
                       gap < bound and 1 <= rank <= 2, shape, rank, margin)
